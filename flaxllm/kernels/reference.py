@@ -1,0 +1,58 @@
+"""Reference (XLA) attention: the numerics every kernel is tested against.
+
+Masking convention shared by every implementation in `flaxllm.kernels`:
+query i (absolute slot ``q_offset + i``) may attend to key j iff
+  q_segment_ids[i] == kv_segment_ids[j]                     (packed documents, padding)
+  and (not causal or j <= q_offset + i)                      (causal, also for a KV cache)
+  and (window is None or q_offset + i - j < window)          (sliding window)
+A query row with no allowed key returns zeros.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_mask(batch, seq_q, seq_kv, *, causal=False, q_segment_ids=None,
+                   kv_segment_ids=None, q_offset=0, window=None):
+  """Boolean mask [batch, 1, seq_q, seq_kv] (True = attend) following the convention above."""
+  q_idx = jnp.arange(seq_q)[:, None] + q_offset
+  kv_idx = jnp.arange(seq_kv)[None, :]
+  mask = jnp.ones((batch, 1, seq_q, seq_kv), dtype=bool)
+  if causal:
+    mask = mask & (kv_idx <= q_idx)[None, None]
+  if window is not None:
+    mask = mask & (q_idx - kv_idx < window)[None, None]
+  if q_segment_ids is not None or kv_segment_ids is not None:
+    q_seg = jnp.zeros((batch, seq_q), jnp.int32) if q_segment_ids is None else q_segment_ids
+    kv_seg = jnp.zeros((batch, seq_kv), jnp.int32) if kv_segment_ids is None else kv_segment_ids
+    mask = mask & (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
+  return mask
+
+
+def reference_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
+                        q_offset=0, window=None, softcap=None, sm_scale=None):
+  """Plain attention. q [batch, seq_q, heads, head_dim]; k, v [batch, seq_kv, kv_heads, head_dim].
+
+  Grouped-query attention groups the `heads // kv_heads` query heads that share a KV head,
+  without repeating K and V. Logits and softmax are computed in float32.
+  Returns [batch, seq_q, heads, head_dim] in q's dtype.
+  """
+  b, sq, h, d = q.shape
+  skv, kvh = k.shape[1], k.shape[2]
+  groups = h // kvh
+  scale = sm_scale if sm_scale is not None else d ** -0.5
+  qg = q.reshape(b, sq, kvh, groups, d)
+  logits = jnp.einsum('bqkgd,bskd->bkgqs', qg, k,
+                      preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
+  mask = attention_mask(b, sq, skv, causal=causal, q_segment_ids=q_segment_ids,
+                        kv_segment_ids=kv_segment_ids, q_offset=q_offset, window=window)
+  mask = mask[:, :, None]  # [b, 1, 1, sq, skv] broadcasts over kv_heads and groups
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
+  out = jnp.einsum('bkgqs,bskd->bqkgd', probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, sq, h, d).astype(q.dtype)
