@@ -1,0 +1,506 @@
+"""Text corpora as TFDS datasets in ArrayRecord format (no TensorFlow needed).
+
+Three kinds of source, all read back as random-access TFDS data sources:
+
+* ``text``: a directory, file or glob of local text files, built by the
+  :class:`FlaxllmText` TFDS builder into ``<cache>/tfds``;
+* ``stdlib``: the embedded default corpus, the ``*.py`` files of the running
+  interpreter's standard library (present on every machine), built the same way;
+* ``tfds``: any prepared TFDS dataset by ``name`` and ``data_dir`` (how TPU VM
+  users read ``c4`` or ``lm1b`` from a bucket); it must be in ArrayRecord format.
+
+Local corpora are split deterministically into ``train`` and ``validation`` by a
+hash of each file's path relative to the corpus root, so a file never changes
+split when files are added or limits change. The built dataset is cached under a
+config name that fingerprints the corpus (paths, sizes, mtimes) and the settings,
+so a second call with an unchanged corpus only opens the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import glob as glob_lib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import sysconfig
+from typing import Any, Iterator, Mapping, Sequence
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+log = logging.getLogger(__name__)
+
+BUILDER_NAME = "flaxllm_text"
+SPLITS = ("train", "validation")
+# Directories of the stdlib tree that are not the standard library's own source.
+STDLIB_EXCLUDE = ("site-packages/*", "dist-packages/*", "*/site-packages/*", "*/dist-packages/*")
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+  """Reads ``key`` from a dict, ``ml_collections.ConfigDict`` or plain object."""
+  if cfg is None:
+    return default
+  if hasattr(cfg, "get"):
+    value = cfg.get(key, default)
+  else:
+    value = getattr(cfg, key, default)
+  return default if value is None else value
+
+
+def cache_dir() -> str:
+  """The flaxllm cache directory: ``$FLAXLLM_CACHE`` or ``~/.cache/flaxllm``."""
+  return os.path.abspath(os.path.expanduser(os.environ.get("FLAXLLM_CACHE") or "~/.cache/flaxllm"))
+
+
+def stdlib_dir() -> str:
+  return sysconfig.get_paths()["stdlib"]
+
+
+# ----------------------------------------------------------------------------- file scanning
+
+
+def _fraction(text: str, salt: str) -> float:
+  """A deterministic number in [0, 1) from a string (stable across machines)."""
+  digest = hashlib.sha256(f"{salt}:{text}".encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_of(relpath: str, val_fraction: float) -> str:
+  """``'validation'`` for about ``val_fraction`` of all paths, else ``'train'``."""
+  return "validation" if _fraction(relpath, "split") < val_fraction else "train"
+
+
+def list_files(path: str, glob: str | None = None, exclude: Sequence[str] = ()) -> tuple[str, list[str]]:
+  """Lists the candidate files of a corpus.
+
+  Args:
+    path: a directory (searched recursively with ``glob``), a single file, or a
+      glob pattern such as ``/data/books/*.txt``.
+    glob: pattern relative to a directory ``path``; default ``**/*`` (all files).
+    exclude: fnmatch patterns of relative paths to leave out.
+
+  Returns:
+    ``(root, relpaths)``: the corpus root and the sorted paths relative to it.
+  """
+  if not path:
+    raise ValueError("No corpus path was given; set data.path to a directory, file or glob of text files.")
+  path = os.path.abspath(os.path.expanduser(str(path)))
+  if os.path.isdir(path):
+    root = path
+    matches = glob_lib.glob(os.path.join(glob_lib.escape(path), glob or "**/*"), recursive=True)
+  elif os.path.isfile(path):
+    root, matches = os.path.dirname(path), [path]
+  elif glob_lib.has_magic(path):
+    root = path
+    while glob_lib.has_magic(root):
+      root = os.path.dirname(root)
+    matches = glob_lib.glob(path, recursive=True)
+  else:
+    raise FileNotFoundError(
+        f"Corpus path {path!r} does not exist; set data.path to an existing directory, file or glob of text files."
+    )
+  rels = []
+  for m in matches:
+    if not os.path.isfile(m):
+      continue
+    rel = os.path.relpath(m, root).replace(os.sep, "/")
+    parts = rel.split("/")
+    if "__pycache__" in parts or any(p.startswith(".") for p in parts):
+      continue
+    if any(fnmatch.fnmatch(rel, pat) for pat in exclude):
+      continue
+    rels.append(rel)
+  rels.sort()
+  if not rels:
+    raise ValueError(
+        f"Corpus {path!r} (pattern {glob or '**/*'!r}) matches no files; point data.path/data.glob at text files."
+    )
+  return root, rels
+
+
+def read_text(filename: str) -> tuple[str | None, str]:
+  """Reads a file as UTF-8 text: ``(text, 'ok')`` or ``(None, reason)``.
+
+  ``reason`` is ``'binary'`` (contains NUL bytes), ``'undecodable'`` (not valid
+  UTF-8) or ``'empty'`` (nothing but whitespace).
+  """
+  with open(filename, "rb") as f:
+    data = f.read()
+  if b"\x00" in data:
+    return None, "binary"
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError:
+    return None, "undecodable"
+  if not text.strip():
+    return None, "empty"
+  return text, "ok"
+
+
+@dataclasses.dataclass
+class CorpusPlan:
+  """Which files go into which split, and which were skipped (and why)."""
+
+  root: str
+  files: dict[str, list[str]]  # split -> relpaths, in generation order
+  num_bytes: dict[str, int]
+  skipped: dict[str, int]  # reason -> count
+  inspected: int
+
+  @property
+  def num_skipped(self) -> int:
+    return sum(self.skipped.values())
+
+  def skip_message(self) -> str:
+    details = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()) if v)
+    return f"Skipped {self.num_skipped} of {self.inspected} inspected files in {self.root} ({details})."
+
+
+def plan_corpus(
+    path: str,
+    glob: str | None = None,
+    *,
+    exclude: Sequence[str] = (),
+    val_fraction: float = 0.02,
+    max_files: int | None = None,
+    max_bytes: int | None = None,
+) -> CorpusPlan:
+  """Decides the deterministic train/validation file lists of a local corpus.
+
+  Each file's split is fixed by a hash of its relative path. Within a split,
+  files are taken in the order of a second hash (a uniform sample of the corpus,
+  not the first directory alphabetically) until the limits are reached: the
+  train split takes at most ``max_files`` files / ``max_bytes`` bytes, the
+  validation split ``val_fraction`` of those limits (at least one file); taking
+  stops at the first file that would exceed the byte limit. Binary,
+  undecodable and empty files are skipped and counted. If no usable file hashes
+  into validation, the first usable train file is moved there.
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in [0, 1) but is {val_fraction}; use e.g. 0.02.")
+  root, rels = list_files(path, glob, exclude)
+  limits = {
+      "train": (max_files or None, max_bytes or None),
+      "validation": (
+          max(1, math.ceil(max_files * val_fraction)) if max_files else None,
+          max(1, int(max_bytes * val_fraction)) if max_bytes else None,
+      ),
+  }
+  by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
+  for rel in rels:
+    by_split[split_of(rel, val_fraction)].append(rel)
+  skipped = {"binary": 0, "undecodable": 0, "empty": 0}
+  inspected = 0
+  files: dict[str, list[str]] = {}
+  num_bytes: dict[str, int] = {}
+  for split in SPLITS:
+    max_n, max_b = limits[split]
+    chosen, total = [], 0
+    for rel in sorted(by_split[split], key=lambda r: _fraction(r, "order")):
+      if max_n is not None and len(chosen) >= max_n:
+        break
+      if max_b is not None and total >= max_b:
+        break
+      inspected += 1
+      text, reason = read_text(os.path.join(root, rel))
+      if text is None:
+        skipped[reason] += 1
+        continue
+      size = len(text.encode("utf-8"))
+      if max_b is not None and chosen and total + size > max_b:
+        break
+      chosen.append(rel)
+      total += size
+    files[split], num_bytes[split] = chosen, total
+  if not files["train"] and not files["validation"]:
+    raise ValueError(
+        f"Corpus {root!r} has no usable text: all {inspected} inspected files were binary, not UTF-8 or empty; "
+        "point data.path at UTF-8 text files."
+    )
+  if not files["validation"] and val_fraction > 0:
+    # Tiny corpora: move one train file (the first in hash order) to validation.
+    if len(files["train"]) < 2:
+      raise ValueError(
+          f"Corpus {root!r} has only {len(files['train'])} usable file(s), too few for a train and a validation "
+          "split; add more text files or set data.val_fraction=0."
+      )
+    rel = files["train"].pop(0)
+    size = len(read_text(os.path.join(root, rel))[0].encode("utf-8"))
+    files["validation"], num_bytes["validation"] = [rel], size
+    num_bytes["train"] -= size
+  if not files["train"]:
+    raise ValueError(f"Corpus {root!r} has no usable text for the train split; add more UTF-8 text files.")
+  plan = CorpusPlan(root=root, files=files, num_bytes=num_bytes, skipped=skipped, inspected=inspected)
+  if plan.num_skipped:
+    log.warning(plan.skip_message())
+  return plan
+
+
+# ----------------------------------------------------------------------------- TFDS builder
+
+
+@dataclasses.dataclass(eq=False)
+class TextCorpusConfig(tfds.core.BuilderConfig):
+  """A local text corpus; ``name`` must fingerprint all the other fields."""
+
+  path: str = ""
+  glob: str | None = None
+  exclude: tuple[str, ...] = ()
+  val_fraction: float = 0.02
+  max_files: int | None = None
+  max_bytes: int | None = None
+
+
+class FlaxllmText(tfds.core.GeneratorBasedBuilder):
+  """TFDS builder for a local corpus of text files: one example per file.
+
+  Features: ``text`` (the file's UTF-8 text) and ``path`` (relative to the
+  corpus root). Splits: ``train`` and ``validation`` (see :func:`plan_corpus`).
+  The metadata records how many files were skipped. Build with
+  ``file_format='array_record'`` and read with ``builder.as_data_source(split)``
+  or ``tfds.data_source('flaxllm_text/<config name>', data_dir=...)``.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS: list[TextCorpusConfig] = []
+
+  # TFDS locates a builder's source through `importlib_resources`, which is not
+  # installed without TensorFlow's extras; this builder has no checksums file.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Local text files, one example per file.",
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "path": tfds.features.Text()}),
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    plan = plan_corpus(
+        c.path,
+        c.glob,
+        exclude=c.exclude,
+        val_fraction=c.val_fraction,
+        max_files=c.max_files,
+        max_bytes=c.max_bytes,
+    )
+    self.info.metadata.update(
+        root=plan.root,
+        skipped=plan.skipped,
+        num_skipped=plan.num_skipped,
+        inspected=plan.inspected,
+        num_bytes=plan.num_bytes,
+    )
+    return {split: self._generate_examples(plan.root, plan.files[split]) for split in SPLITS if plan.files[split]}
+
+  def _generate_examples(self, root: str, relpaths: list[str]):
+    for rel in relpaths:
+      text, reason = read_text(os.path.join(root, rel))
+      if text is None:  # Changed on disk since planning.
+        raise ValueError(f"Corpus file {rel!r} under {root!r} changed while building ({reason}); build again.")
+      yield rel, {"text": text, "path": rel}
+
+
+# ----------------------------------------------------------------------------- building / loading
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "corpus"
+
+
+def _fingerprint(root: str, rels: Sequence[str], settings: Mapping[str, Any]) -> str:
+  h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+  h.update(FlaxllmText.VERSION.__str__().encode())
+  for rel in rels:
+    st = os.stat(os.path.join(root, rel))
+    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class BuiltCorpus:
+  """A prepared local corpus: read it with ``tfds.data_source(name, data_dir=data_dir)``."""
+
+  name: str  # 'flaxllm_text/<config>:<version>'
+  data_dir: str
+  builder: tfds.core.DatasetBuilder
+
+  @property
+  def metadata(self) -> Mapping[str, Any]:
+    return self.builder.info.metadata
+
+  @property
+  def num_skipped(self) -> int:
+    return int(self.metadata.get("num_skipped", 0))
+
+  def num_examples(self, split: str) -> int:
+    return self.builder.info.splits[split].num_examples
+
+  def data_source(self, split: str):
+    return self.builder.as_data_source(split=split)
+
+
+def build_text_corpus(
+    path: str,
+    glob: str | None = None,
+    *,
+    exclude: Sequence[str] = (),
+    val_fraction: float = 0.02,
+    max_files: int | None = None,
+    max_bytes: int | None = None,
+    data_dir: str | None = None,
+    name: str | None = None,
+) -> BuiltCorpus:
+  """Builds (or reuses from the cache) the ArrayRecord TFDS dataset of a text corpus.
+
+  Args:
+    path, glob, exclude: which files (see :func:`list_files`).
+    val_fraction: share of files (by path hash) in the validation split.
+    max_files, max_bytes: optional limits for a fast subset (see :func:`plan_corpus`).
+    data_dir: TFDS data_dir; default ``<cache_dir()>/tfds``.
+    name: readable prefix of the config name; default from the path.
+  """
+  root, rels = list_files(path, glob, exclude)
+  settings = dict(
+      root=root,
+      glob=glob,
+      exclude=list(exclude),
+      val_fraction=float(val_fraction),
+      max_files=int(max_files) if max_files else None,
+      max_bytes=int(max_bytes) if max_bytes else None,
+  )
+  config_name = f"{_slug(name or os.path.basename(root.rstrip('/')))}_{_fingerprint(root, rels, settings)}"
+  config = TextCorpusConfig(
+      name=config_name,
+      description=f"Text files under {root}",
+      path=path if glob_lib.has_magic(str(path)) else root,
+      glob=glob,
+      exclude=tuple(exclude),
+      val_fraction=float(val_fraction),
+      max_files=settings["max_files"],
+      max_bytes=settings["max_bytes"],
+  )
+  data_dir = data_dir or os.path.join(cache_dir(), "tfds")
+  logging.getLogger("absl").setLevel(max(logging.getLogger("absl").level, logging.ERROR))
+  builder = FlaxllmText(config=config, data_dir=data_dir)
+  if not builder.is_prepared():
+    log.info("Building text corpus %s into %s", config_name, data_dir)
+    tfds.disable_progress_bar()
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )
+  elif builder.info.metadata.get("num_skipped"):
+    log.info("Cached corpus %s: %s files were skipped when it was built.", config_name, builder.info.metadata["num_skipped"])
+  return BuiltCorpus(name=f"{BUILDER_NAME}/{config_name}:{FlaxllmText.VERSION}", data_dir=data_dir, builder=builder)
+
+
+def build_stdlib_corpus(
+    *,
+    val_fraction: float = 0.02,
+    max_files: int | None = None,
+    max_bytes: int | None = None,
+    data_dir: str | None = None,
+) -> BuiltCorpus:
+  """The default corpus: the ``*.py`` files of this interpreter's standard library."""
+  return build_text_corpus(
+      stdlib_dir(),
+      "**/*.py",
+      exclude=STDLIB_EXCLUDE,
+      val_fraction=val_fraction,
+      max_files=max_files,
+      max_bytes=max_bytes,
+      data_dir=data_dir,
+      name=f"stdlib_py{sys.version_info[0]}{sys.version_info[1]}",
+  )
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None):
+  """A prepared TFDS dataset (catalog or local) as a random-access data source.
+
+  Never downloads or builds: the dataset must already be prepared in ArrayRecord
+  format under ``data_dir`` (e.g. ``gs://my-bucket/tensorflow_datasets``).
+  """
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # TFDS raises several types; re-raise with the fix.
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, FileNotFoundError) or "not found" in msg.lower() or "does not exist" in msg.lower():
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} (split {split!r}) was not found under data_dir={data_dir!r} ({msg}); "
+          "prepare it there in ArrayRecord format (tfds build --file_format=array_record) or fix data.name/data.data_dir."
+      ) from e
+    raise ValueError(
+        f"Cannot open TFDS dataset {name!r} split {split!r} under data_dir={data_dir!r} ({msg}); "
+        "it must be prepared in ArrayRecord format with that split."
+    ) from e
+
+
+def build_local(data_config: Any) -> BuiltCorpus:
+  """Builds (or reuses) the local corpus named by a ``source: 'stdlib' | 'text'`` data config."""
+  source = cfg_get(data_config, "source", "stdlib")
+  common = dict(
+      val_fraction=float(cfg_get(data_config, "val_fraction", 0.02)),
+      max_files=cfg_get(data_config, "max_files") or None,
+      max_bytes=cfg_get(data_config, "max_bytes") or None,
+      data_dir=cfg_get(data_config, "data_dir") or None,
+  )
+  if source == "stdlib":
+    return build_stdlib_corpus(**common)
+  if source == "text":
+    return build_text_corpus(cfg_get(data_config, "path", ""), cfg_get(data_config, "glob"), **common)
+  raise ValueError(f"build_local needs data.source 'stdlib' or 'text', not {source!r}.")
+
+
+def open_split(data_config: Any, split: str):
+  """Opens one split of the source named by ``data_config`` as a random-access data source.
+
+  Returns ``(source, identity)``: a sequence of examples (dicts with the text
+  feature as ``bytes``) and a string identifying the data (for cache keys).
+  """
+  source = cfg_get(data_config, "source", "stdlib")
+  if source in ("stdlib", "text"):
+    corpus = build_local(data_config)
+    if split not in corpus.builder.info.splits:
+      raise ValueError(f"Corpus {corpus.name} has no split {split!r}; use one of {list(corpus.builder.info.splits)}.")
+    return corpus.data_source(split), f"{corpus.name}/{split}"
+  if source == "tfds":
+    name = cfg_get(data_config, "name", "")
+    if not name:
+      raise ValueError("data.source='tfds' needs data.name, e.g. 'lm1b' or 'c4/en:3.1.0'.")
+    tfds_split = cfg_get(data_config, f"{split}_split", split)
+    ds = tfds_source(name, tfds_split, cfg_get(data_config, "data_dir") or None)
+    info = getattr(ds, "dataset_info", None)
+    full_name = getattr(info, "full_name", name)
+    return ds, f"{full_name}/{tfds_split}/{len(ds)}"
+  raise ValueError(f"Unknown data.source {source!r}; use 'stdlib', 'text' or 'tfds'.")
+
+
+def iter_texts(data_config: Any, split: str = "train", max_bytes: int | None = None) -> Iterator[str]:
+  """Yields the documents of a split as ``str`` (in stored order), up to ``max_bytes``."""
+  ds, _ = open_split(data_config, split)
+  key = cfg_get(data_config, "text_key", "text")
+  total = 0
+  for i in range(len(ds)):
+    text = ds[i][key]
+    text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    yield text
+    total += len(text)
+    if max_bytes and total >= max_bytes:
+      return
