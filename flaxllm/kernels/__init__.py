@@ -1,5 +1,64 @@
-"""Attention kernels and the dispatcher the models call."""
+"""Attention kernels and the dispatcher the models call.
+
+Modules: `reference` (XLA numerics and the masking convention), `blocks` (tile math
+shared by all kernels), `gpu` / `tpu` (the Pallas kernels of each backend), `flash`
+(flash attention with a custom VJP), `decode` (KV-cache decoding), `options` (checks).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxllm.kernels.decode import decode_attention
+from flaxllm.kernels.flash import default_block_sizes, flash_attention
+from flaxllm.kernels.options import BlockSizes, SUPPORTED_DTYPES
 from flaxllm.kernels.reference import attention_mask, reference_attention
+
+__all__ = ['BlockSizes', 'attention', 'attention_mask', 'decode_attention',
+           'default_block_sizes', 'flash_attention', 'reference_attention']
+
+IMPLS = ('auto', 'xla', 'cudnn', 'pallas')
+_MIN_PALLAS_SEQ = 256  # below this the fused XLA reference is as fast (not yet measured)
+
+
+def _static_offset(q_offset):
+  return isinstance(q_offset, (int, np.integer))
+
+
+def _pallas_fits(q, k, q_offset):
+  """Whether 'auto' should take the Pallas kernels on this accelerator and shape."""
+  if q.dtype not in SUPPORTED_DTYPES or not q.dtype == k.dtype or q.shape[-1] > 256:
+    return False
+  if not _static_offset(q_offset):  # decoding against a cache
+    # On TPU the decode kernel reads the cache in place only when head_dim % 128 == 0.
+    return jax.default_backend() != 'tpu' or q.shape[-1] % 128 == 0
+  return k.shape[1] >= _MIN_PALLAS_SEQ
+
+
+def _auto_impl(q, k, q_offset):
+  if jax.default_backend() in ('gpu', 'cuda', 'rocm', 'tpu') and _pallas_fits(q, k, q_offset):
+    return 'pallas'
+  return 'xla'
+
+
+def cudnn_arguments(*, causal, q_segment_ids, kv_segment_ids, q_offset, window, softcap,
+                    sm_scale):
+  """Keyword arguments of `jax.nn.dot_product_attention` for this mask, or a ValueError."""
+  missing = []
+  if softcap is not None:
+    missing.append('a logit soft-cap')
+  if q_segment_ids is not None or kv_segment_ids is not None:
+    missing.append('segment ids')
+  if (causal or window is not None) and not (_static_offset(q_offset) and q_offset == 0):
+    missing.append('a non-zero q_offset')
+  if window is not None and not causal:
+    missing.append('a window without causal masking')
+  if missing:
+    raise ValueError(f"impl='cudnn' cannot express {' or '.join(missing)}; "
+                     "use impl='pallas' or impl='xla'.")
+  return dict(scale=sm_scale, is_causal=bool(causal),
+              local_window_size=None if window is None else (window - 1, 0))
 
 
 def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
@@ -8,9 +67,32 @@ def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
 
   q [batch, seq_q, heads, head_dim]; k, v [batch, seq_kv, kv_heads, head_dim].
   See `flaxllm.kernels.reference` for the masking convention.
+
+  'xla': `reference_attention`. 'cudnn': `jax.nn.dot_product_attention(implementation=
+  'cudnn')`, for masks it can express (no soft-cap, segment ids or q_offset). 'pallas':
+  `flash_attention` when q_offset is a Python int, else `decode_attention` (a traced
+  offset: decoding against a KV cache; forward only). 'auto': Pallas on GPU/TPU for
+  sequences of at least 256 keys and for decoding, else XLA (always XLA on CPU).
   """
-  if impl not in ('auto', 'xla'):
-    raise NotImplementedError(f"attention impl {impl!r} is not available yet; use 'xla'.")
-  return reference_attention(q, k, v, causal=causal, q_segment_ids=q_segment_ids,
+  if impl not in IMPLS:
+    raise ValueError(f'attention impl must be one of {IMPLS}, got {impl!r}.')
+  if impl == 'auto':
+    impl = _auto_impl(q, k, q_offset)
+  if impl == 'xla':
+    return reference_attention(q, k, v, causal=causal, q_segment_ids=q_segment_ids,
+                               kv_segment_ids=kv_segment_ids, q_offset=q_offset,
+                               window=window, softcap=softcap, sm_scale=sm_scale)
+  if impl == 'cudnn':
+    kwargs = cudnn_arguments(causal=causal, q_segment_ids=q_segment_ids,
                              kv_segment_ids=kv_segment_ids, q_offset=q_offset, window=window,
                              softcap=softcap, sm_scale=sm_scale)
+    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn', **kwargs)
+  if _static_offset(q_offset):
+    segments = None
+    if q_segment_ids is not None or kv_segment_ids is not None:
+      segments = (q_segment_ids, kv_segment_ids)
+    return flash_attention(q, k, v, causal=causal, segment_ids=segments, window=window,
+                           softcap=softcap, sm_scale=sm_scale, q_offset=int(q_offset))
+  return decode_attention(q, k, v, q_offset=jnp.asarray(q_offset), causal=causal,
+                          q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                          window=window, softcap=softcap, sm_scale=sm_scale)
