@@ -88,7 +88,7 @@ def flash_forward(q, k, v, q_seg, kv_seg, *, spec, q_offset, block_sizes, interp
   groups = h // kvh
   bq, bk = block_sizes.block_q, block_sizes.block_k
   q_spec = pl.BlockSpec((None, bq, None, d), lambda i, n, hd: (n, i, hd, 0))
-  kv_spec = pl.BlockSpec((None, skv, None, d), lambda i, n, hd: (n, 0, hd // groups, 0))
+  kv_spec = pl.BlockSpec((None, skv, None, d), lambda i, n, hd: (n, 0, lax.div(hd, groups), 0))
   return pl.pallas_call(
       functools.partial(_forward_kernel, spec=spec, q_offset=q_offset, block_k=bk),
       grid=(sq // bq, b, h),
@@ -187,7 +187,7 @@ def flash_backward(q, k, v, do, lse, delta, q_seg, kv_seg, *, spec, q_offset, bl
   # dQ: one program per (query tile, batch, head), looping over key tiles.
   bq, bk = block_sizes.block_q_dq, block_sizes.block_k_dq
   q_tile = pl.BlockSpec((None, bq, None, d), lambda i, n, hd: (n, i, hd, 0))
-  kv_all = pl.BlockSpec((None, skv, None, d), lambda i, n, hd: (n, 0, hd // groups, 0))
+  kv_all = pl.BlockSpec((None, skv, None, d), lambda i, n, hd: (n, 0, lax.div(hd, groups), 0))
   stat_tile = pl.BlockSpec((None, None, bq, 1), lambda i, n, hd: (n, hd, i, 0))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, q_offset=q_offset, block_k=bk),

@@ -154,7 +154,7 @@ def flash_forward(q, k, v, q_seg, kv_seg, *, spec, q_offset, block_sizes, interp
     return _fetch(j, blocks.kv_block_range(spec, q_first, q_first + bq - 1, bk, nk), nk)
 
   q_index = lambda n, hd, i, j: (n, hd, i)
-  kv_index = lambda n, hd, i, j: (n, hd // groups, kv_block(n, hd, i, j))
+  kv_index = lambda n, hd, i, j: (n, lax.div(hd, groups), kv_block(n, hd, i, j))
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, spec=spec, q_offset=q_offset, num_kv_blocks=nk),
       grid=(b, h, nq, nk),
@@ -274,7 +274,7 @@ def flash_backward(q, k, v, do, lse, delta, q_seg, kv_seg, *, spec, q_offset, bl
     return _fetch(j, blocks.kv_block_range(spec, q_first, q_first + bq - 1, bk, nk), nk)
 
   q_index = lambda n, hd, i, j: (n, hd, i)
-  kv_index = lambda n, hd, i, j: (n, hd // groups, kv_block(n, hd, i, j))
+  kv_index = lambda n, hd, i, j: (n, lax.div(hd, groups), kv_block(n, hd, i, j))
   stat = pl.BlockSpec((None, None, bq, 1), lambda n, hd, i, j: (n, hd, i, 0))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, q_offset=q_offset, num_kv_blocks=nk),
