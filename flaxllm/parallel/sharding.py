@@ -1,0 +1,154 @@
+"""Sharded state creation and batch placement: what a trainer calls to run on a mesh.
+
+    mesh = make_mesh(cfg.mesh); rules = get_rules(cfg.parallel.rules)
+    state, state_sh = create_sharded(init_fn, mesh, rules, rng, param_specs=param_specs(model))
+    step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                   donate_argnums=0)
+    with sharding_context(mesh, rules):
+      state, metrics = step(state, shard_batch(host_batch, mesh, rules))
+
+`create_sharded` jits `init_fn` with `out_shardings` derived from the logical axis names, so
+every array is created directly in its shards (the full model never sits on one host).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flaxllm.parallel import rules as rules_lib
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules=None):
+  """Sets `mesh` as the current mesh and `rules` for Linen's logical activation constraints."""
+  with jax.set_mesh(mesh), rules_lib.axis_rules(rules):
+    yield
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
+
+
+def state_specs(abstract_state: Any, param_specs: Any = None) -> Any:
+  """Logical PartitionSpecs for every leaf of `abstract_state` (boxes removed).
+
+  * a leaf boxed with logical names (`nn.Partitioned`, `nn.LogicallyPartitioned`): its names;
+  * a subtree with the structure and shapes of the params (given by `param_specs`): the param
+    specs -- this covers params, gradients and optax's per-parameter state (AdamW mu / nu,
+    also inside `optax.chain`, `MultiSteps`, ...);
+  * anything else (step counters, scalars, factored statistics): replicated, P().
+  """
+  boxed_specs = jax.tree.map(
+      lambda x: x.get_partition_spec() if _is_box(x) else P(), abstract_state, is_leaf=_is_box)
+  unboxed = nn.meta.unbox(abstract_state)
+  if param_specs is None:
+    return boxed_specs
+  p_leaves, p_def = jax.tree.flatten(param_specs, is_leaf=_is_spec)
+  n = len(p_leaves)
+  p_ranks = [len(s) for s in p_leaves]
+
+  def param_like(x) -> bool:
+    if x is None or hasattr(x, 'shape'):
+      return False
+    leaves, treedef = jax.tree.flatten(x)
+    if len(leaves) != n or treedef != p_def:
+      return False
+    return all(hasattr(l, 'shape') and (len(l.shape) == r or r == 0)
+               for l, r in zip(leaves, p_ranks))
+
+  matched = jax.tree.map(lambda x: param_specs if param_like(x) else P(), unboxed,
+                         is_leaf=param_like)
+  # Same structure as `boxed_specs` once the param subtrees are expanded.
+  matched_leaves = jax.tree.leaves(matched, is_leaf=_is_spec)
+  boxed_leaves, out_def = jax.tree.flatten(boxed_specs, is_leaf=_is_spec)
+  leaves = [b if len(b) else m for b, m in zip(boxed_leaves, matched_leaves)]
+  return jax.tree.unflatten(out_def, leaves)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules=None, param_specs: Any = None,
+                    validate: bool = True) -> Any:
+  """NamedShardings for an (abstract) state; validates divisibility first."""
+  rules = rules_lib.get_rules(rules)
+  rules_lib.check_mesh(mesh, rules)
+  specs = state_specs(abstract_state, param_specs)
+  if validate:
+    rules_lib.validate(nn.meta.unbox(abstract_state), specs, mesh, rules)
+  return rules_lib.logical_to_sharding(specs, mesh, rules)
+
+
+def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules=None, *args,
+                   param_specs: Any = None, donate_argnums=(), **kwargs):
+  """Runs `init_fn(*args, **kwargs)` under `jax.jit` with `out_shardings` from logical names.
+
+  `init_fn` may return boxed params (straight from `model.init`) or unboxed ones; pass
+  `param_specs` (e.g. `rules.param_specs(model)`) so that unboxed param-shaped subtrees (the
+  optimizer state) are sharded like the params. Returns `(state, shardings)`, both unboxed.
+  """
+  rules = rules_lib.get_rules(rules)
+  fn = lambda *a, **k: nn.meta.unbox(init_fn(*a, **k))
+  with sharding_context(mesh, rules):
+    abstract = jax.eval_shape(init_fn, *args, **kwargs)
+    shardings = state_shardings(abstract, mesh, rules, param_specs)
+    state = jax.jit(fn, out_shardings=shardings, donate_argnums=donate_argnums)(*args, **kwargs)
+  return state, shardings
+
+
+def abstract_state(init_fn: Callable[..., Any], mesh: Mesh, rules=None, *args,
+                   param_specs: Any = None, **kwargs):
+  """Like `create_sharded`, without allocating: ShapeDtypeStructs carrying their shardings
+  (for ahead-of-time compilation and for restoring checkpoints onto a mesh)."""
+  rules = rules_lib.get_rules(rules)
+  with sharding_context(mesh, rules):
+    abstract = jax.eval_shape(init_fn, *args, **kwargs)
+    shardings = state_shardings(abstract, mesh, rules, param_specs)
+  unboxed = nn.meta.unbox(abstract)
+  return with_shardings(unboxed, shardings), shardings
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def local_batch_slice(global_batch_size: int, mesh: Mesh, rules=None) -> slice:
+  """Rows of the global batch that this process must load (contiguous under the default
+  device order). Two processes that share a batch shard (e.g. a tensor axis that spans
+  processes) get the same rows."""
+  rules_lib.check_batch(global_batch_size, mesh, rules)
+  sharding = rules_lib.batch_sharding(mesh, rules, ndim=1)
+  idx = sharding.addressable_devices_indices_map((global_batch_size,))
+  starts = sorted({(s[0].start or 0) for s in idx.values()})
+  stops = sorted({(s[0].stop if s[0].stop is not None else global_batch_size)
+                  for s in idx.values()})
+  lo, hi = starts[0], stops[-1]
+  rows = hi - lo
+  covered = sum(b - a for a, b in zip(starts, stops))
+  if covered != rows:
+    raise rules_lib.ShardingError('this process holds a non-contiguous part of the batch; '
+                                  'load with `jax.make_array_from_callback` instead.')
+  return slice(lo, hi)
+
+
+def shard_batch(batch: Any, mesh: Mesh, rules=None) -> Any:
+  """Host-local numpy batch (this process's rows, see `local_batch_slice`) -> global
+  jax.Arrays sharded over the data axes; scalars are replicated."""
+
+  def put(x):
+    x = np.asarray(x)
+    if x.ndim == 0:
+      return jax.device_put(x, NamedSharding(mesh, P()))
+    sharding = rules_lib.batch_sharding(mesh, rules, ndim=x.ndim)
+    out = jax.make_array_from_process_local_data(sharding, x)
+    rules_lib.check_batch(out.shape[0], mesh, rules)
+    return out
+
+  return jax.tree.map(put, batch)
