@@ -45,7 +45,7 @@ DATA_SOURCES = ('stdlib', 'text', 'tfds')
 SAFE_TO_CHANGE = ('total_steps', 'log_every', 'eval_every', 'eval_batches', 'ckpt_every',
                   'keep_ckpts', 'peak_flops', 'progress_bar', 'wandb.', 'sample.',
                   'skip_nonfinite_steps', 'model.attention_impl', 'model.remat',
-                  'data.num_workers', 'data.data_dir', 'data.prefetch', 'note')
+                  'data.read_threads', 'data.data_dir', 'note')
 
 
 # ----------------------------------------------------------------------------- the base config
@@ -67,19 +67,23 @@ def base_config() -> ConfigDict:
   c.model.sliding_window = ml_collections.config_dict.placeholder(int)
   c.model.rope_scaling = ml_collections.config_dict.placeholder(dict)
 
-  c.data = ConfigDict()
+  c.data = ConfigDict()            # read by flaxllm.data.make_iterator
   c.data.source = 'stdlib'         # 'stdlib' (embedded default) | 'text' (data.path) | 'tfds'
   c.data.path = ''                 # text: directory, file or glob
   c.data.glob = ml_collections.config_dict.placeholder(str)
   c.data.name = ''                 # tfds: dataset name, e.g. 'lm1b'
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
+  c.data.train_split = 'train'     # tfds split names
+  c.data.validation_split = 'validation'
   c.data.text_key = 'text'
-  c.data.val_fraction = 0.02
+  c.data.val_fraction = 0.02       # stdlib/text: share of files held out for validation
   c.data.max_files = 0             # 0 = no limit
   c.data.max_bytes = 0
-  c.data.pack = True               # pack documents into rows (segment_ids keep them apart)
-  c.data.num_workers = 0
-  c.data.shuffle_buffer = 0        # unused by random-access sources (global shuffle)
+  c.data.shuffle = True            # seeded global shuffle of the train split, every epoch
+  c.data.packing = 'concat'        # 'concat' (no padding) | 'first_fit' (whole pieces)
+  c.data.packing_bins = 16
+  c.data.worker_count = 0          # grain worker processes for tokenization (0 = in-process)
+  c.data.read_threads = 0
 
   c.tokenizer = ConfigDict()       # read by flaxllm.data.get_tokenizer
   c.tokenizer.kind = 'sentencepiece'   # 'sentencepiece' (trained on the corpus) | 'bytes'
@@ -126,7 +130,7 @@ def base_config() -> ConfigDict:
   c.wandb.group = ''
   c.wandb.name = ''
 
-  c.sample = ConfigDict()          # printed after training
+  c.sample = ConfigDict()          # printed after training (max_new_tokens=0: no sample)
   c.sample.prompt = 'def '
   c.sample.max_new_tokens = 64
   c.sample.temperature = 0.8
@@ -317,10 +321,11 @@ def validate(config: ConfigDict) -> ConfigDict:
                    f'{value!r}; set --config.{key}=<number>.')
 
   positive('total_steps', 'batch_size', 'seq_len', 'optim.lr', 'optim.accum_steps',
-           'log_every', 'ckpt_every', 'keep_ckpts', 'eval_batches', 'sample.max_new_tokens')
+           'log_every', 'ckpt_every', 'keep_ckpts', 'eval_batches')
   positive('optim.weight_decay', 'optim.grad_clip', 'optim.eps', 'schedule.warmup_steps',
            'z_loss', 'eval_every', 'peak_flops', 'data.max_files', 'data.max_bytes',
-           'data.num_workers', 'sample.temperature', 'sample.top_k', allow_zero=True)
+           'data.worker_count', 'data.read_threads', 'sample.max_new_tokens',
+           'sample.temperature', 'sample.top_k', allow_zero=True)
   _require(config.optim.name in OPTIMIZERS,
            f'optim.name={config.optim.name!r} is not a known optimizer; choose one of {OPTIMIZERS}.')
   _require(config.schedule.name in SCHEDULES,
@@ -359,6 +364,9 @@ def validate(config: ConfigDict) -> ConfigDict:
   if config.data.source == 'tfds':
     _require(bool(config.data.name), "data.source='tfds' needs data.name; set e.g. "
                                      '--config.data.name=lm1b.')
+  _require(config.data.packing in ('concat', 'first_fit'),
+           f"data.packing={config.data.packing!r} is not known; use 'concat' or 'first_fit'.")
+  _require(0 <= config.seed < 2**31, f'seed={config.seed} must be in [0, 2**31); pick another.')
   _require(0.0 <= config.data.val_fraction < 1.0,
            f'data.val_fraction={config.data.val_fraction} must be in [0, 1); use e.g. 0.02.')
   _require(config.tokenizer.kind in ('sentencepiece', 'bytes'),

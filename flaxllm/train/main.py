@@ -1,0 +1,143 @@
+"""`flaxllm train` and `flaxllm eval`: argument parsing, friendly errors, printed results.
+
+    flaxllm train --config=configs/default.py[:variant=...] --workdir=runs/x [--config.k=v ...]
+    flaxllm train --workdir=runs/x                  # resume with the workdir's config.json
+    flaxllm eval  --workdir=runs/x [--step=N] [--batches=N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from flaxllm import config as config_lib
+from flaxllm.models.config import ConfigError
+
+# Errors whose message is the whole story (one sentence naming the key and the fix); anything
+# else is a bug and keeps its traceback. FLAXLLM_DEBUG=1 shows tracebacks for these too.
+_USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError)
+
+
+def _quiet_logs():
+  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+  try:
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  except ImportError:
+    pass
+
+
+def _run(fn, *args) -> int:
+  from flaxllm.train.trainer import TrainError  # pylint: disable=import-outside-toplevel
+  try:
+    return fn(*args)
+  except (TrainError, *_USER_ERRORS) as e:
+    if os.environ.get('FLAXLLM_DEBUG'):
+      raise
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 1
+
+
+def parse_train_args(argv: Sequence[str]):
+  """(config spec or None, workdir, overrides) from `--config=... --workdir=... --config.k=v`."""
+  p = argparse.ArgumentParser(prog='flaxllm train', description=__doc__.strip().splitlines()[0])
+  p.add_argument('--config', help='config file and variant, e.g. configs/default.py:size=tiny; '
+                                  "default: the workdir's config.json (resume)")
+  p.add_argument('--workdir', required=True, help='run directory (checkpoints, metrics, ...)')
+  overrides = [a for a in argv if a.startswith('--config.')]
+  args = p.parse_args([a for a in argv if not a.startswith('--config.')])
+  return args.config, args.workdir, overrides
+
+
+def config_for(spec: Optional[str], workdir: str, overrides: Sequence[str]):
+  """The validated config of a command line: from `spec`, or the workdir's stored config."""
+  if spec:
+    return config_lib.load_config(spec, overrides)
+  from flaxllm.train.trainer import stored_config  # pylint: disable=import-outside-toplevel
+  config = stored_config(os.path.abspath(workdir))
+  if config is None:
+    raise ConfigError(f'{workdir} has no config.json to resume from; pass '
+                      '--config=configs/default.py (or another config file).')
+  config.lock()
+  config_lib.apply_overrides(config, overrides)
+  return config_lib.validate(config)
+
+
+def _train(argv) -> int:
+  spec, workdir, overrides = parse_train_args(argv)
+  config = config_for(spec, workdir, overrides)
+  from flaxllm.train import trainer  # pylint: disable=import-outside-toplevel
+  summary = trainer.train(config, workdir)
+  if summary['preempted']:
+    return 0
+  if summary['complete']:
+    print(f'\nRun complete: {summary["step"]}/{config.total_steps} steps in {workdir}.')
+    if 'sample' in summary:
+      print(f'--- sample (prompt {config.sample.prompt!r}) ---\n{summary["sample"]}\n---')
+    print(f'validation loss {summary["val_loss"]:.4f}, perplexity {summary["val_ppl"]:.2f} '
+          f'({summary["val_tokens"]} tokens)', flush=True)
+  return 0
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+  """Entry point of `flaxllm train`."""
+  _quiet_logs()
+  return _run(_train, list(sys.argv[1:] if argv is None else argv))
+
+
+def evaluate_workdir(workdir: str, step: Optional[int] = None,
+                     batches: Optional[int] = None) -> dict:
+  """Validation loss/perplexity of a run's checkpoint (the newest by default)."""
+  from flaxllm.data import pipeline  # pylint: disable=import-outside-toplevel
+  from flaxllm import models  # pylint: disable=import-outside-toplevel
+  from flaxllm.train import checkpoint as ckpt_lib, step as step_lib  # pylint: disable=import-outside-toplevel
+  from flaxllm.train import trainer  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  workdir = os.path.abspath(workdir)
+  config = config_for(None, workdir, ())
+  tokenizer = trainer.workdir_tokenizer(workdir, config)
+  model_cfg, _, _, _, abstract_state = trainer.build_model_and_optimizer(config)
+  checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_ckpts)
+  steps = checkpoints.steps()
+  if not steps:
+    raise ConfigError(f'{workdir} has no checkpoints; train first with flaxllm train '
+                      f'--workdir={workdir}.')
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ConfigError(f'{workdir} has no checkpoint at step {step}; use one of {steps}.')
+  state, _ = checkpoints.restore(step, abstract_state)
+  checkpoints.close()
+  val_iter = pipeline.make_iterator(config.data, tokenizer, split='validation',
+                                    seq_len=config.seq_len,
+                                    batch_size=config.batch_size // jax.process_count(),
+                                    seed=config.seed, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+  eval_step = jax.jit(step_lib.make_eval_step(models.build(model_cfg)))
+  result = trainer.evaluate(eval_step, state.params, val_iter, val_iter.get_state(),
+                            batches or config.eval_batches)
+  val_iter.close()
+  return {'step': step, **result}
+
+
+def _eval(argv) -> int:
+  p = argparse.ArgumentParser(prog='flaxllm eval',
+                              description='Validation loss and perplexity of a checkpoint.')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
+  p.add_argument('--batches', type=int, default=None,
+                 help='validation batches (default: config.eval_batches)')
+  args = p.parse_args(argv)
+  result = evaluate_workdir(args.workdir, args.step, args.batches)
+  print(f'step {result["step"]}: validation loss {result["val_loss"]:.4f}, perplexity '
+        f'{result["val_ppl"]:.2f} ({result["val_tokens"]} tokens)')
+  print(json.dumps(result), flush=True)
+  return 0
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+  """Entry point of `flaxllm eval`."""
+  _quiet_logs()
+  return _run(_eval, list(sys.argv[1:] if argv is None else argv))

@@ -1,0 +1,385 @@
+"""The trainer: one linear function, top to bottom, in the style of big_vision's train.py.
+
+    summary = train(config, workdir)      # config: a validated ConfigDict (flaxllm.config)
+
+Sections: 1 workdir and config, 2 tokenizer, 3 model and optimizer, 4 state (resume or init),
+5 data, 6 the loop (step, log, eval, checkpoint, preemption), 7 the end (final eval, loss curve,
+exported model). Running it again on the same workdir resumes from the newest checkpoint
+(params, optimizer, rng AND data iterator), or reports that the run is complete.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxllm import config as config_lib
+from flaxllm import models
+from flaxllm.data import pipeline as data_pipeline
+from flaxllm.data import tokenizer as tokenizer_lib
+from flaxllm.models.config import ConfigError
+from flaxllm.train import checkpoint as ckpt_lib
+from flaxllm.train import metrics as metrics_lib
+from flaxllm.train import optim
+from flaxllm.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = 'config.json'
+TOKENIZER_FILE = 'tokenizer.model'
+TOKENIZER_INFO = 'tokenizer.json'
+MODEL_DIR = 'model'
+
+
+class TrainError(RuntimeError):
+  """Training cannot go on; the message says why and what to do. Checkpoints are intact."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _write_atomic(path: str, data: bytes | str):
+  mode = 'wb' if isinstance(data, bytes) else 'w'
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, mode) as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates `workdir` and checks that it is writable (one-sentence error otherwise)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise TrainError(f'workdir {workdir} is not writable ({e.strerror or e}); choose a writable '
+                     '--workdir.') from e
+  return workdir
+
+
+def workdir_tokenizer(workdir: str, config) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer: the copy in `workdir` if there is one, else built from
+  `config.tokenizer` (sentencepiece models are trained on the corpus, or loaded from
+  tokenizer.model_path) and copied into `workdir` so that eval and generation use the same."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(path):
+    return tokenizer_lib.SentencePieceTokenizer.load(path)
+  info_path = os.path.join(workdir, TOKENIZER_INFO)
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
+    if info.get('kind') == 'bytes':
+      return tokenizer_lib.ByteTokenizer()
+  tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer, corpus=config.data)
+  info = {'kind': config.tokenizer.kind, 'vocab_size': tokenizer.vocab_size,
+          'bos_id': tokenizer.bos_id, 'eos_id': tokenizer.eos_id, 'pad_id': tokenizer.pad_id}
+  if isinstance(tokenizer, tokenizer_lib.SentencePieceTokenizer):
+    _write_atomic(path, tokenizer.model_proto)
+    info['source'] = tokenizer.path
+    tokenizer = tokenizer_lib.SentencePieceTokenizer.load(path)
+  _write_atomic(info_path, json.dumps(info, indent=2) + '\n')
+  return tokenizer
+
+
+def stored_config(workdir: str):
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return config_lib.from_json(f.read())
+
+
+def build_model_and_optimizer(config):
+  """(ModelConfig, train module, optax transformation, schedule, abstract TrainState)."""
+  model_cfg = models.ModelConfig.from_dict(config.model)
+  model = models.build(model_cfg, deterministic=model_cfg.dropout == 0)
+  abstract_params = jax.eval_shape(functools.partial(step_lib.init_params, model),
+                                   jax.random.PRNGKey(0))
+  tx = optim.make_optimizer(config, abstract_params)
+  schedule = optim.schedule_from_config(config)
+  # Unsharded for now; a mesh (later) only changes `sharding` here and in_shardings below.
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.eval_shape(functools.partial(step_lib.init_state, model, tx),
+                            jax.random.PRNGKey(0))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          abstract)
+  return model_cfg, model, tx, schedule, abstract
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def load_init_params(path: str, abstract_params):
+  """Params to start from (`config.init_from`): a flaxllm workdir (its newest checkpoint) or a
+  model directory of `flaxllm convert` / Hugging Face (via flaxllm.interop)."""
+  if os.path.isdir(os.path.join(path, ckpt_lib.CHECKPOINT_DIR)):
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    manager = ocp.CheckpointManager(os.path.join(path, ckpt_lib.CHECKPOINT_DIR),
+                                    item_names=('state', 'data'))
+    step = manager.latest_step()
+    if step is None:
+      raise TrainError(f'init_from={path!r} has no checkpoint; train it first or point '
+                       'init_from at another run.')
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+    params = restored.state['params']
+    manager.close()
+  else:
+    from flaxllm.interop import native  # pylint: disable=import-outside-toplevel
+    if os.path.exists(os.path.join(path, native.CONFIG_NAME)):
+      _, params = native.load_flaxllm(path)
+    else:
+      from flaxllm.interop import hf  # pylint: disable=import-outside-toplevel
+      _, params = hf.load(path)
+  want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), abstract_params)
+  got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    raise TrainError(f'the params in init_from={path!r} do not match config.model (different '
+                     'shapes or names); use the same model settings as that run.')
+  return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
+                      params, abstract_params)
+
+
+class _Preemption:
+  """SIGTERM (TPU VM preemption, `kill`) sets a flag; the loop saves and exits at the next step."""
+
+  def __init__(self):
+    self.flag = threading.Event()
+    self.previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+    return False
+
+
+def evaluate(eval_step, params, val_iter, initial_state, num_batches: int) -> dict:
+  """Mean per-token loss and perplexity over the first `num_batches` validation batches
+  (the same batches every time: the iterator is rewound to `initial_state`)."""
+  val_iter.set_state(initial_state)
+  sums = []
+  for _, batch in zip(range(num_batches), val_iter):
+    sums.append(eval_step(params, batch))
+  sums = jax.device_get(sums)
+  ce = float(sum(s['ce'] for s in sums))
+  tokens = float(sum(s['tokens'] for s in sums))
+  if not tokens:
+    raise TrainError('the validation split has no tokens; raise data.val_fraction or add files.')
+  val_loss = ce / tokens
+  return {'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 700.0)),
+          'val_tokens': int(tokens)}
+
+
+def sample_text(model_cfg, params, tokenizer, sample_cfg) -> str:
+  """The prompt followed by a completion sampled from the model (flaxllm.generate)."""
+  from flaxllm import generate as generate_lib  # pylint: disable=import-outside-toplevel
+  ids = [tokenizer.bos_id] + tokenizer.encode(sample_cfg.prompt)
+  out = generate_lib.generate(model_cfg, params, [ids], max_new_tokens=sample_cfg.max_new_tokens,
+                              temperature=sample_cfg.temperature, top_k=sample_cfg.top_k or None,
+                              stop_tokens=(tokenizer.eos_id,), seed=sample_cfg.seed,
+                              pad_id=tokenizer.pad_id)[0]
+  return sample_cfg.prompt + tokenizer.decode(out)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) the run of `config` in `workdir`; returns a summary dict with
+  `step`, `complete`, `preempted`, the last `val_loss` / `val_ppl` and a `sample`."""
+  # ---- 1. Workdir and config ------------------------------------------------------------
+  config = config_lib.validate(config)
+  workdir = prepare_workdir(workdir)
+  is_main = jax.process_index() == 0
+  stored = stored_config(workdir)
+  if stored is not None:
+    config_lib.check_resume_compatible(stored, config, workdir)
+  if is_main:
+    _write_atomic(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
+
+  # ---- 2. Tokenizer (kept in the workdir) -----------------------------------------------
+  tokenizer = workdir_tokenizer(workdir, config)
+  try:
+    tokenizer_lib.check_vocab(tokenizer, config.model.vocab_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+  # ---- 3. Model, optimizer, steps -------------------------------------------------------
+  model_cfg, model, tx, schedule, abstract_state = build_model_and_optimizer(config)
+  train_step = jax.jit(
+      step_lib.make_train_step(model, tx, schedule, accum_steps=config.optim.accum_steps,
+                               z_loss=config.z_loss,
+                               skip_nonfinite=config.skip_nonfinite_steps,
+                               use_dropout=model_cfg.dropout > 0),
+      donate_argnums=(0,))
+  eval_step = jax.jit(step_lib.make_eval_step(models.build(model_cfg)))
+
+  # ---- 4. State: resume from the workdir, or initialise -----------------------------------
+  checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_ckpts)
+  restored = checkpoints.restore_latest(abstract_state)
+  if restored is not None:
+    start_step, state, data_state = restored
+    print(f'Resuming {workdir} from step {start_step}.', flush=True)
+  else:
+    start_step, data_state = 0, None
+    state = jax.jit(functools.partial(step_lib.init_state, model, tx),
+                    out_shardings=jax.tree.map(lambda x: x.sharding, abstract_state))(
+                        jax.random.PRNGKey(config.seed))
+    if config.init_from:
+      params = load_init_params(config.init_from, abstract_state.params)
+      state = state.replace(params=params, opt_state=jax.jit(tx.init)(params))
+  if is_main:
+    metrics_lib.rewind_metrics(workdir, start_step)
+
+  # ---- 5. Data ------------------------------------------------------------------------
+  nproc = jax.process_count()
+  if config.batch_size % nproc:
+    raise ConfigError(f'batch_size={config.batch_size} is not divisible by the {nproc} '
+                      'processes; make it a multiple of the process count.')
+  data_kw = dict(seq_len=config.seq_len, batch_size=config.batch_size // nproc,
+                 process_index=jax.process_index(), process_count=nproc)
+  train_iter = data_pipeline.make_iterator(config.data, tokenizer, split='train',
+                                           seed=config.seed, **data_kw)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  val_iter = data_pipeline.make_iterator(config.data, tokenizer, split='validation',
+                                         seed=config.seed, **data_kw)
+  val_start = val_iter.get_state()
+
+  # ---- 6. The loop ----------------------------------------------------------------------
+  total = config.total_steps
+  tokens_per_step = config.batch_size * config.seq_len
+  flops_per_step = models.flops_per_token(model_cfg, config.seq_len) * tokens_per_step
+  peak = config.peak_flops
+  if not peak and start_step < total:
+    peak = metrics_lib.measure_peak_flops(model_cfg.dtype)
+    print(f'Measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({model_cfg.dtype}).', flush=True)
+  writer = metrics_lib.MetricsWriter(workdir, config, total_steps=total, start_step=start_step,
+                                     is_main=is_main)
+  summary = {'step': start_step, 'complete': False, 'preempted': False}
+  last_saved = start_step if restored is not None else None
+  pending: list[dict] = []           # device metrics of the steps since the last flush
+  window = [time.perf_counter(), 0]  # [start time, steps] of the throughput window
+  last_eval = {}
+
+  def flush(step: int):
+    """Fetches pending metrics (the only host sync), stops on a non-finite loss, logs a line."""
+    rows = jax.device_get(pending)
+    pending.clear()
+    if not rows:
+      return
+    for i, r in enumerate(rows):
+      if not config.skip_nonfinite_steps and not (np.isfinite(r['loss']) and
+                                                  np.isfinite(r['grad_norm'])):
+        bad = step - len(rows) + i + 1
+        kept = f'step {last_saved}' if last_saved is not None else 'none yet'
+        raise TrainError(
+            f'the loss became {float(r["loss"])} (grad norm {float(r["grad_norm"])}) at step '
+            f'{bad}; stopped without saving (last good checkpoint: {kept}); lower optim.lr, '
+            'raise schedule.warmup_steps or set skip_nonfinite_steps=True.')
+    line = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    line['lr'] = float(rows[-1]['lr'])
+    elapsed = time.perf_counter() - window[0]
+    if window[1] and elapsed > 0:  # not right after compilation
+      line['tokens_per_s'] = window[1] * tokens_per_step / elapsed
+      line['mfu'] = window[1] * flops_per_step / elapsed / peak
+    writer.write(step, line, show=('loss', 'tokens_per_s', 'mfu', 'lr', 'grad_norm'))
+    window[:] = [time.perf_counter(), 0]
+
+  def save(step: int):
+    nonlocal last_saved
+    if not bool(_all_finite(state)):
+      raise TrainError(f'the train state has NaN/inf values at step {step}; not saving it (last '
+                       f'good checkpoint: step {last_saved}); lower optim.lr or set '
+                       'skip_nonfinite_steps=True.')
+    checkpoints.save(step, state, train_iter.get_state())
+    last_saved = step
+
+  step = start_step
+  try:
+    with _Preemption() as preemption:
+      while step < total:
+        batch = next(train_iter)
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        step += 1
+        window[1] += 1
+        if step == start_step + 1:  # first step: exclude compilation from throughput
+          jax.block_until_ready(metrics)
+          window[:] = [time.perf_counter(), 0]
+        stopping = preemption.flag.is_set()
+        do_eval = step == total or (config.eval_every and step % config.eval_every == 0)
+        do_ckpt = step == total or step % config.ckpt_every == 0 or stopping
+        if step % config.log_every == 0 or do_eval or do_ckpt:
+          flush(step)
+        writer.advance(step)
+        if do_eval:
+          last_eval = evaluate(eval_step, state.params, val_iter, val_start, config.eval_batches)
+          writer.write(step, last_eval, show=('loss', 'val_loss', 'val_ppl'))
+          window[0] = time.perf_counter()
+        if do_ckpt:
+          save(step)
+          window[0] = time.perf_counter()
+        if stopping:
+          summary['preempted'] = True
+          print(f'\nSIGTERM: saved a checkpoint at step {step} in {checkpoints.directory}; '
+                'run the same command to resume.', flush=True)
+          break
+  finally:
+    checkpoints.close()
+    train_iter.close()
+    writer.close()
+
+  # ---- 7. The end: final evaluation, loss curve, exported model, sample ---------------------
+  summary['step'] = step
+  summary['complete'] = step >= total
+  if summary['complete'] and is_main:
+    if not last_eval:  # a completed run started again: evaluate once more, log nothing new
+      last_eval = evaluate(eval_step, state.params, val_iter, val_start, config.eval_batches)
+    metrics_lib.plot_losses(workdir)
+    if restored is None or start_step < total or not os.path.isdir(
+        os.path.join(workdir, MODEL_DIR)):
+      export_model(workdir, model_cfg, state.params)
+  if summary['complete'] and config.sample.max_new_tokens:
+    summary['sample'] = sample_text(model_cfg, state.params, tokenizer, config.sample)
+  summary.update(last_eval)
+  val_iter.close()
+  return summary
+
+
+def export_model(workdir: str, model_cfg, params):
+  """`<workdir>/model/`: the final params in the `flaxllm convert` layout plus the tokenizer, for
+  `flaxllm generate --model=<workdir>/model --tokenizer=<workdir>/model/tokenizer.model`."""
+  try:
+    from flaxllm.interop import native  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    log.warning('flaxllm.interop is not available; not exporting %s/model.', workdir)
+    return
+  path = os.path.join(workdir, MODEL_DIR)
+  native.save_flaxllm(model_cfg, params, path)
+  tok = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(tok):
+    with open(tok, 'rb') as f:
+      _write_atomic(os.path.join(path, TOKENIZER_FILE), f.read())
