@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 BUILDER_NAME = "flaxllm_text"
 SPLITS = ("train", "validation")
 # Directories of the stdlib tree that are not the standard library's own source.
-STDLIB_EXCLUDE = ("site-packages/*", "dist-packages/*", "*/site-packages/*", "*/dist-packages/*")
+STDLIB_EXCLUDE = ("site-packages", "dist-packages")
 
 
 # ----------------------------------------------------------------------------- config helpers
@@ -79,14 +79,32 @@ def split_of(relpath: str, val_fraction: float) -> str:
   return "validation" if _fraction(relpath, "split") < val_fraction else "train"
 
 
+def _glob_match(rel: str, pattern: str | None) -> bool:
+  if not pattern or pattern in ("**", "**/*"):
+    return True
+  if pattern.startswith("**/") and "/" not in pattern[3:]:
+    return fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pattern[3:])
+  return fnmatch.fnmatch(rel, pattern)
+
+
+def _excluded(rel: str, exclude: Sequence[str]) -> bool:
+  name = rel.rsplit("/", 1)[-1]
+  return name.startswith(".") or name == "__pycache__" or any(
+      fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(name, pat) for pat in exclude
+  )
+
+
 def list_files(path: str, glob: str | None = None, exclude: Sequence[str] = ()) -> tuple[str, list[str]]:
   """Lists the candidate files of a corpus.
 
   Args:
-    path: a directory (searched recursively with ``glob``), a single file, or a
-      glob pattern such as ``/data/books/*.txt``.
-    glob: pattern relative to a directory ``path``; default ``**/*`` (all files).
-    exclude: fnmatch patterns of relative paths to leave out.
+    path: a directory (walked recursively and filtered with ``glob``), a single
+      file, or a glob pattern such as ``/data/books/*.txt``.
+    glob: pattern for paths relative to a directory ``path``: ``**/NAME``
+      matches ``NAME`` (fnmatch) at any depth, anything else is matched against
+      the whole relative path; default: all files.
+    exclude: fnmatch patterns; a directory or file whose relative path or name
+      matches one is left out (so are hidden ones and ``__pycache__``).
 
   Returns:
     ``(root, relpaths)``: the corpus root and the sorted paths relative to it.
@@ -94,37 +112,39 @@ def list_files(path: str, glob: str | None = None, exclude: Sequence[str] = ()) 
   if not path:
     raise ValueError("No corpus path was given; set data.path to a directory, file or glob of text files.")
   path = os.path.abspath(os.path.expanduser(str(path)))
+  rels = []
   if os.path.isdir(path):
     root = path
-    matches = glob_lib.glob(os.path.join(glob_lib.escape(path), glob or "**/*"), recursive=True)
+    for dirpath, dirnames, filenames in os.walk(root):
+      reldir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+      prefix = "" if reldir == "." else reldir + "/"
+      dirnames[:] = sorted(d for d in dirnames if not _excluded(prefix + d, exclude))
+      rels.extend(prefix + f for f in filenames if _glob_match(prefix + f, glob) and not _excluded(prefix + f, exclude))
   elif os.path.isfile(path):
-    root, matches = os.path.dirname(path), [path]
+    root, rels = os.path.dirname(path), [os.path.basename(path)]
   elif glob_lib.has_magic(path):
     root = path
     while glob_lib.has_magic(root):
       root = os.path.dirname(root)
-    matches = glob_lib.glob(path, recursive=True)
+    for m in glob_lib.glob(path, recursive=True):
+      rel = os.path.relpath(m, root).replace(os.sep, "/")
+      if os.path.isfile(m) and not any(_excluded(r, exclude) for r in _prefixes(rel)):
+        rels.append(rel)
   else:
     raise FileNotFoundError(
         f"Corpus path {path!r} does not exist; set data.path to an existing directory, file or glob of text files."
     )
-  rels = []
-  for m in matches:
-    if not os.path.isfile(m):
-      continue
-    rel = os.path.relpath(m, root).replace(os.sep, "/")
-    parts = rel.split("/")
-    if "__pycache__" in parts or any(p.startswith(".") for p in parts):
-      continue
-    if any(fnmatch.fnmatch(rel, pat) for pat in exclude):
-      continue
-    rels.append(rel)
   rels.sort()
   if not rels:
     raise ValueError(
         f"Corpus {path!r} (pattern {glob or '**/*'!r}) matches no files; point data.path/data.glob at text files."
     )
   return root, rels
+
+
+def _prefixes(rel: str) -> list[str]:
+  parts = rel.split("/")
+  return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def read_text(filename: str) -> tuple[str | None, str]:

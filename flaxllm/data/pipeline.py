@@ -1,0 +1,297 @@
+"""grain input pipeline: shuffle, shard, tokenize, pack, batch, checkpoint.
+
+Per process::
+
+  data source (random access, TFDS ArrayRecord)
+    -> grain.MapDataset: global shuffle (seeded, reshuffled each epoch), repeat
+    -> this process's share of the global stream (every process_count-th document)
+    -> tokenize each document into BOS + tokens + EOS               (a "document")
+    -> (inputs, targets, loss_mask) = (tokens[:-1], tokens[1:], mask[1:])
+    -> pack into rows of seq_len with segment_ids / positions      (no pair crosses documents)
+    -> batch, and pad a final partial batch with empty rows
+    -> DataIterator with JSON-serialisable get_state / set_state
+
+Documents are dicts ``{'tokens': int32[n], 'loss_mask': float32[n] (optional)}``
+where ``loss_mask[i]`` says whether token ``i`` is trained on (predicted from
+its prefix). Pretraining text leaves it out (all ones); instruction data (JSONL)
+plugs in by producing documents with a mask over the response tokens and calling
+:func:`pack_documents` / the same pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterator, Mapping
+
+import grain
+import numpy as np
+
+from flaxllm.data import corpus as corpus_lib
+from flaxllm.data.corpus import cfg_get
+from flaxllm.data.tokenizer import Tokenizer
+
+FEATURES = ("inputs", "targets", "loss_mask")
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def make_document(tokenizer: Tokenizer, text: str) -> dict[str, np.ndarray]:
+  """``{'tokens': [BOS, *encode(text), EOS]}`` as int32."""
+  ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+  return {"tokens": np.asarray(ids, dtype=np.int32)}
+
+
+def document_to_example(doc: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Next-token pairs of one document: inputs ``t[:-1]``, targets ``t[1:]``, loss_mask ``m[1:]``."""
+  tokens = np.asarray(doc["tokens"], dtype=np.int32)
+  if tokens.ndim != 1 or len(tokens) < 2:
+    raise ValueError(f"A document needs at least 2 tokens (BOS and EOS) but has shape {tokens.shape}.")
+  mask = doc.get("loss_mask")
+  mask = np.ones(len(tokens), np.float32) if mask is None else np.asarray(mask, dtype=np.float32)
+  if mask.shape != tokens.shape:
+    raise ValueError(f"Document loss_mask has shape {mask.shape} but its tokens have shape {tokens.shape}.")
+  return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": mask[1:]}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeText(grain.transforms.Map):
+  """grain transform: a raw record (``{text_key: bytes | str}``) to a training example."""
+
+  tokenizer: Tokenizer
+  text_key: str = "text"
+
+  def map(self, record):
+    text = record[self.text_key] if isinstance(record, Mapping) else record
+    if isinstance(text, bytes):
+      text = text.decode("utf-8", errors="replace")
+    return document_to_example(make_document(self.tokenizer, str(text)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkExample(grain.experimental.FlatMapTransform):
+  """Splits an example longer than ``seq_len`` into pieces of at most ``seq_len``."""
+
+  seq_len: int
+  max_fan_out: int = 1 << 20
+
+  def flat_map(self, example):
+    n = len(example["inputs"])
+    return [{k: v[i : i + self.seq_len] for k, v in example.items()} for i in range(0, n, self.seq_len)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _FinalizeRow(grain.transforms.Map):
+  """grain's packed features -> inputs/targets/segment_ids/positions/loss_mask."""
+
+  pad_id: int
+
+  def map(self, row):
+    seg = np.asarray(row["inputs_segment_ids"], np.int32)
+    real = seg > 0
+    return {
+        "inputs": np.where(real, row["inputs"], self.pad_id).astype(np.int32),
+        "targets": np.where(real, row["targets"], self.pad_id).astype(np.int32),
+        "segment_ids": seg,
+        "positions": np.where(real, row["inputs_positions"], 0).astype(np.int32),
+        "loss_mask": np.where(real, row["loss_mask"], 0.0).astype(np.float32),
+    }
+
+
+def pack_examples(
+    ds: grain.IterDataset, seq_len: int, *, method: str = "concat", pad_id: int = 0, num_bins: int = 16
+) -> grain.IterDataset:
+  """Packs examples (from :func:`document_to_example`) into rows of ``seq_len``.
+
+  ``method='concat'`` (default, no padding except at the very end):
+  concatenate examples and cut every ``seq_len`` tokens
+  (grain's ``ConcatThenSplitIterDataset``); an example cut at a row end
+  continues in the next row as a new segment whose positions restart at 0.
+  ``method='first_fit'``: split examples longer than ``seq_len`` into
+  pieces, then place whole pieces into the first of ``num_bins`` rows with room
+  (grain's ``FirstFitPackIterDataset``), padding the rest.
+
+  Each row: ``inputs``, ``targets`` (int32), ``segment_ids`` (1, 2, ... per
+  piece, 0 for padding), ``positions`` (restarting at 0 for each segment) and
+  ``loss_mask`` (float32, 0 on padding). Targets never cross documents because
+  each (input, target) pair comes from one document.
+  """
+  lengths = {k: seq_len for k in FEATURES}
+  if method == "concat":
+    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
+  elif method == "first_fit":
+    ds = grain.experimental.FlatMapIterDataset(ds, _ChunkExample(seq_len))
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct=lengths, num_packing_bins=num_bins, shuffle_bins=False
+    )
+  else:
+    raise ValueError(f"Unknown data.packing {method!r}; use 'concat' or 'first_fit'.")
+  return ds.map(_FinalizeRow(pad_id))
+
+
+def pack_documents(docs, seq_len: int, **kwargs) -> grain.IterDataset:
+  """Packs a sequence or ``MapDataset`` of documents (``{'tokens', 'loss_mask'?}``); see :func:`pack_examples`."""
+  ds = docs if isinstance(docs, grain.MapDataset) else grain.MapDataset.source(list(docs))
+  ds = ds.map(document_to_example).to_iter_dataset(grain.ReadOptions(num_threads=0))
+  return pack_examples(ds, seq_len, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PadBatch(grain.transforms.Map):
+  """Pads a final partial batch with empty rows (segment_ids 0, loss_mask 0)."""
+
+  batch_size: int
+  pad_id: int
+
+  def map(self, batch):
+    n = len(batch["inputs"])
+    if n == self.batch_size:
+      return batch
+    out = {}
+    for k, v in batch.items():
+      fill = self.pad_id if k in ("inputs", "targets") else 0
+      pad = np.full((self.batch_size - n, *v.shape[1:]), fill, dtype=v.dtype)
+      out[k] = np.concatenate([v, pad])
+    return out
+
+
+# ----------------------------------------------------------------------------- iterator
+
+
+def _tuplify_slices(state: Any) -> Any:
+  """JSON turns the tuples in grain's concat-then-split state into lists; undo that."""
+  if isinstance(state, dict):
+    return {
+        k: ({kk: tuple(vv) for kk, vv in v.items()} if k == "remainder_slices" else _tuplify_slices(v))
+        for k, v in state.items()
+    }
+  if isinstance(state, list):
+    return [_tuplify_slices(v) for v in state]
+  return state
+
+
+class DataIterator(Iterator[dict[str, np.ndarray]]):
+  """Iterator of batches with a JSON-serialisable, restorable state.
+
+  ``get_state()`` returns a dict of plain JSON types; ``set_state(state)`` on a
+  fresh iterator built with the same arguments continues with exactly the
+  batches the saved iterator would have produced next.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, fingerprint: Mapping[str, Any]):
+    self._dataset = dataset
+    self._it = iter(dataset)
+    self.fingerprint = json.loads(json.dumps(dict(fingerprint)))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def get_state(self) -> dict[str, Any]:
+    return {
+        "version": STATE_VERSION,
+        "fingerprint": self.fingerprint,
+        "grain": json.loads(json.dumps(self._it.get_state())),
+    }
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if not isinstance(state, Mapping) or "grain" not in state:
+      raise ValueError("Not a data iterator state; pass the dict returned by DataIterator.get_state().")
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"Data iterator state version {state.get('version')} is not {STATE_VERSION}; restart the data.")
+    saved = state.get("fingerprint", {})
+    diff = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+    if diff:
+      details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {self.fingerprint.get(k)!r}" for k in diff)
+      raise ValueError(f"The data iterator state was saved for a different pipeline ({details}); use the same data settings to resume.")
+    self._it.set_state(_tuplify_slices(json.loads(json.dumps(state["grain"]))))
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+
+def make_iterator(
+    data_config: Any,
+    tokenizer: Tokenizer,
+    *,
+    split: str,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+) -> DataIterator:
+  """Batches of packed rows for this process; see the module docstring.
+
+  Args:
+    data_config: dict/ConfigDict with ``source`` ('stdlib' | 'text' | 'tfds')
+      and its fields (``path``/``glob``, ``name``/``data_dir``, ``max_files``,
+      ``max_bytes``, ``val_fraction``, ``text_key``, ``<split>_split``), plus
+      ``shuffle`` (True: seeded global shuffle of the train split),
+      ``packing`` ('concat' | 'first_fit'), ``worker_count`` (0: tokenize in
+      this process), ``read_threads`` (0).
+    tokenizer: any :class:`Tokenizer`.
+    split: 'train' or 'validation' (or another split of a TFDS dataset).
+      Non-train splits are read in stored order, unshuffled, once by default.
+    seq_len, batch_size: each array is ``[batch_size, seq_len]``
+      (``batch_size`` per process).
+    seed: shuffle seed (0 <= seed < 2**32); each epoch is reshuffled.
+    process_index, process_count: this process's share of the global document
+      stream (every ``process_count``-th document from ``process_index``).
+    num_epochs: None repeats forever (train) / 1 (other splits).
+
+  Returns:
+    A :class:`DataIterator` of dicts: ``inputs``, ``targets``, ``segment_ids``,
+    ``positions`` (int32) and ``loss_mask`` (float32), each ``[batch_size, seq_len]``.
+    A finite iterator pads its last batch with empty rows (loss_mask 0).
+  """
+  if seq_len < 1 or batch_size < 1:
+    raise ValueError(f"seq_len and batch_size must be positive but are {seq_len} and {batch_size}.")
+  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count)
+  source, identity = corpus_lib.open_split(data_config, split)
+  if len(source) == 0:
+    raise ValueError(f"Split {split!r} of {identity} is empty; use a split with documents.")
+  train = split == "train"
+  shuffle = bool(train and cfg_get(data_config, "shuffle", True))
+  if num_epochs is None and not train:
+    num_epochs = 1
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be None (forever) or >= 1 but is {num_epochs}.")
+  packing = cfg_get(data_config, "packing", "concat")
+  workers = int(cfg_get(data_config, "worker_count", 0))
+  pad_id = tokenizer.pad_id
+
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  ds = ds[shard.shard_index :: shard.shard_count]
+  ds = ds.map(TokenizeText(tokenizer, cfg_get(data_config, "text_key", "text")))
+  read_threads = int(cfg_get(data_config, "read_threads", 0))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 4 * read_threads)))
+  if workers > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  it_ds = pack_examples(it_ds, seq_len, method=packing, pad_id=pad_id, num_bins=int(cfg_get(data_config, "packing_bins", 16)))
+  it_ds = it_ds.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size, pad_id))
+  fingerprint = dict(
+      data=identity,
+      split=split,
+      seq_len=seq_len,
+      batch_size=batch_size,
+      seed=seed if shuffle else None,
+      shuffle=shuffle,
+      process_index=process_index,
+      process_count=process_count,
+      num_epochs=num_epochs,
+      packing=packing,
+      worker_count=workers,
+      vocab_size=tokenizer.vocab_size,
+  )
+  return DataIterator(it_ds, fingerprint)
