@@ -299,3 +299,16 @@ def test_iterator_bad_arguments(small_stdlib):
     data.make_iterator(dict(small_stdlib, packing="zip"), tok, split="train", seq_len=8, batch_size=2, seed=0)
   with pytest.raises(ValueError, match="no split"):
     data.make_iterator(small_stdlib, tok, split="test", seq_len=8, batch_size=2, seed=0)
+
+
+def test_validation_iterator_rewinds_to_its_start(small_stdlib):
+  # The trainer evaluates the same batches each time by restoring the state taken at creation.
+  tok = data.ByteTokenizer()
+  it = data.make_iterator(small_stdlib, tok, split="validation", seq_len=64, batch_size=2, seed=0)
+  start = it.get_state()
+  everything = list(it)  # runs to the end
+  assert everything
+  it.set_state(start)
+  _assert_same(list(it), everything)
+  it.set_state(start)
+  _assert_same(_take(it, 1), everything[:1])

@@ -457,19 +457,36 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
   Never downloads or builds: the dataset must already be prepared in ArrayRecord
   format under ``data_dir`` (e.g. ``gs://my-bucket/tensorflow_datasets``).
   """
+  where = f"under data_dir={data_dir!r}" if data_dir else "in the default TFDS data_dir"
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except Exception as e:  # TFDS raises several types; re-raise with the fix.
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, FileNotFoundError) or "not found" in msg.lower() or "does not exist" in msg.lower():
-      raise FileNotFoundError(
-          f"TFDS dataset {name!r} (split {split!r}) was not found under data_dir={data_dir!r} ({msg}); "
-          "prepare it there in ArrayRecord format (tfds build --file_format=array_record) or fix data.name/data.data_dir."
-      ) from e
-    raise ValueError(
-        f"Cannot open TFDS dataset {name!r} split {split!r} under data_dir={data_dir!r} ({msg}); "
-        "it must be prepared in ArrayRecord format with that split."
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError and friends
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} was not found {where} ({_first_line(e)}); fix data.name/data.data_dir or "
+        "prepare it there with `tfds build --file_format=array_record`."
     ) from e
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared {where}; prepare it there with "
+        "`tfds build --file_format=array_record` or fix data.name/data.data_dir."
+    )
+  if split not in builder.info.splits:
+    raise ValueError(
+        f"TFDS dataset {name!r} has no split {split!r}; set data.{{train,validation}}_split to one of "
+        f"{sorted(builder.info.splits)}."
+    )
+  try:
+    return builder.as_data_source(split=split)
+  except Exception as e:
+    raise ValueError(
+        f"Cannot read TFDS dataset {name!r} {where} with random access ({_first_line(e)}); "
+        "it must be prepared in ArrayRecord format (tfds build --file_format=array_record)."
+    ) from e
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
 
 
 def build_local(data_config: Any) -> BuiltCorpus:

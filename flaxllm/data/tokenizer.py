@@ -246,7 +246,7 @@ def train_sentencepiece(texts: Sequence[str], settings: dict[str, Any]) -> bytes
         **{k: settings[k] for k in keys},
     )
   except RuntimeError as e:
-    msg = str(e).strip().splitlines()[-1] if str(e).strip() else "training failed"
+    msg = str(e).strip().splitlines()[-1].split("] ")[-1] if str(e).strip() else "training failed"
     raise ValueError(
         f"Cannot train a {settings['vocab_size']}-token SentencePiece model on this corpus ({msg}); "
         "lower tokenizer.vocab_size or train on more text."
