@@ -28,6 +28,7 @@ ENV_COORDINATOR = 'FLAXLLM_COORDINATOR'
 ENV_NUM_PROCESSES = 'FLAXLLM_NUM_PROCESSES'
 ENV_PROCESS_ID = 'FLAXLLM_PROCESS_ID'
 ENV_CPU_COLLECTIVES = 'FLAXLLM_CPU_COLLECTIVES'
+ENV_TIMEOUT = 'FLAXLLM_DIST_TIMEOUT'
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,18 @@ def _cluster_detected() -> bool:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
-               timeout_s: float = 300.0, cpu_collectives: str | None = None) -> bool:
+               timeout_s: float | None = None, cpu_collectives: str | None = None) -> bool:
   """Joins the multi-process run; returns True when more than one process takes part.
 
-  `cpu_collectives` ('gloo' | 'mpi') enables cross-process collectives on CPU devices (tests,
+  `timeout_s` bounds the wait for the coordinator and the other processes (default
+  $FLAXLLM_DIST_TIMEOUT or 300 s). `cpu_collectives` ('gloo' | 'mpi') enables cross-process collectives on CPU devices (tests,
   `launch/local.py`); it defaults to $FLAXLLM_CPU_COLLECTIVES.
   """
   if _already_initialized():
     return jax.process_count() > 1
   env = os.environ
+  if timeout_s is None:
+    timeout_s = float(env.get(ENV_TIMEOUT, 300))
   coordinator_address = coordinator_address or env.get(ENV_COORDINATOR)
   if num_processes is None and env.get(ENV_NUM_PROCESSES):
     num_processes = int(env[ENV_NUM_PROCESSES])

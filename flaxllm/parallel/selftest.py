@@ -11,6 +11,40 @@ import json
 import sys
 
 
+def data(step: int, batch: int, seq: int):
+  """The global token batch of `step` (the same on every process)."""
+  import numpy as np
+  return np.random.default_rng(step).integers(0, 256, (batch, seq + 1)).astype(np.int32)
+
+
+def run(mesh, rules='fsdp', *, steps: int = 5, batch: int = 8, seq: int = 16, state=None,
+        setup=None, model_cfg=None, start: int = 0, on_step=None):
+  """Trains tiny_llama (GQA: 4 heads, 2 kv heads) for `steps` on `mesh`; returns
+  {'losses', 'rows', 'state', 'setup'} where setup = (state shardings, jitted step) can be
+  passed back in (with a restored `state`) to continue without recompiling."""
+  import jax
+  from flaxllm import models, parallel
+  from flaxllm.parallel import reference_step as rs
+
+  model = models.build(model_cfg or models.presets.get('tiny_llama'))
+  tx = rs.make_optimizer()
+  rules = parallel.get_rules(rules)
+  if setup is None:
+    state0, shardings, step = rs.setup(model, tx, mesh, rules, jax.random.key(0))
+    state = state0 if state is None else state
+    setup = (shardings, step)
+  shardings, step = setup
+  rows = parallel.local_batch_slice(batch, mesh, rules)
+  losses = []
+  for i in range(start, start + steps):
+    if on_step is not None:
+      on_step(i, state)
+    b = parallel.shard_batch({'tokens': data(i, batch, seq)[rows]}, mesh, rules)
+    state, metrics = step(state, b)
+    losses.append(float(metrics['loss']))
+  return {'losses': losses, 'rows': rows, 'state': state, 'setup': setup}
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser()
   ap.add_argument('--data', type=int, default=1)
@@ -27,23 +61,11 @@ def main(argv=None) -> int:
   distributed.initialize(timeout_s=args.timeout)
 
   import jax
-  import numpy as np
   jax.config.update('jax_default_matmul_precision', 'highest')
-  from flaxllm import models, parallel
-  from flaxllm.parallel import reference_step as rs
-
-  model = models.build(models.presets.get('tiny_llama'))
-  tx = rs.make_optimizer()
-  rules = parallel.get_rules(args.rules)
+  from flaxllm import parallel
   mesh = parallel.make_mesh({'data': args.data, 'fsdp': args.fsdp, 'tensor': args.tensor})
-  state, _, step = rs.setup(model, tx, mesh, rules, jax.random.key(0))
-  data = np.random.default_rng(0).integers(0, 256, (args.steps, args.batch, args.seq + 1))
-  rows = parallel.local_batch_slice(args.batch, mesh, rules)
-  losses = []
-  for i in range(args.steps):
-    batch = parallel.shard_batch({'tokens': data[i, rows].astype(np.int32)}, mesh, rules)
-    state, metrics = step(state, batch)
-    losses.append(float(metrics['loss']))
+  out = run(mesh, args.rules, steps=args.steps, batch=args.batch, seq=args.seq)
+  losses, rows = out['losses'], out['rows']
   print('LOSSES ' + json.dumps({'process': jax.process_index(), 'processes': jax.process_count(),
                                 'devices': jax.device_count(), 'rows': [rows.start, rows.stop],
                                 'losses': losses}), flush=True)

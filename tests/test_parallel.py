@@ -1,0 +1,409 @@
+"""Scale-out: meshes, sharding rules (golden PartitionSpecs), sharded training equals
+single-device training, 2 processes equal 1, checkpoint resharding, AOT memory, launchers.
+
+Regenerate the golden sharding files (then review the diff by hand):
+    FLAXLLM_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_parallel.py -k golden
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from flaxllm import models, parallel
+from flaxllm.parallel import aot, distributed, rules as rules_lib, selftest
+from flaxllm.parallel.mesh import MeshError, mesh_shape
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / 'tests' / 'golden'
+sys.path.insert(0, str(ROOT / 'launch'))
+import local as local_launch  # noqa: E402
+import tpu_vm  # noqa: E402
+
+RTOL = 1e-5
+
+
+def tiny(**kw):
+  return models.presets.get('tiny_llama', **kw)  # GQA: 4 heads, 2 kv heads, d=64, mlp=128
+
+
+def one_device_mesh():
+  return parallel.make_mesh({'fsdp': 1}, jax.devices()[:1])
+
+
+# ----------------------------------------------------------------------------- meshes
+
+@pytest.mark.parametrize('cfg,expected', [
+    ({}, (1, 8, 1)),
+    ({'data': 8}, (8, 1, 1)),
+    ({'data': 2, 'fsdp': 4}, (2, 4, 1)),
+    ({'data': 2, 'fsdp': 2, 'tensor': 2}, (2, 2, 2)),
+    ({'data': -1, 'tensor': 2}, (4, 1, 2)),
+    ({'data': 2, 'tensor': 2}, (2, 2, 2)),       # fsdp defaults to -1
+    ({'tensor': -1, 'fsdp': 2}, (1, 2, 4)),
+])
+def test_mesh_shape(cfg, expected):
+  mesh = parallel.make_mesh(cfg)
+  assert mesh.axis_names == ('data', 'fsdp', 'tensor')
+  assert tuple(mesh.shape.values()) == expected
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_mesh_from_configdict_and_subset_of_devices():
+  import ml_collections
+  mesh = parallel.make_mesh(ml_collections.ConfigDict({'data': 2, 'fsdp': -1, 'tensor': 1}),
+                            jax.devices()[:4])
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 1}
+  assert one_device_mesh().devices.size == 1
+
+
+def test_multislice_factors():
+  # 2 emulated slices of 4 devices: the data axis spans slices (DCN), fsdp stays inside one.
+  with pytest.warns(UserWarning, match='emulating 2 slices'):
+    mesh = parallel.make_mesh({'dcn_data': 2, 'fsdp': -1})
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  ids = np.vectorize(lambda d: d.id)(mesh.devices)
+  assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]
+  assert mesh_shape({'dcn_fsdp': 2, 'data': 2, 'fsdp': -1}, 16) == {
+      'data': 2, 'fsdp': 4, 'tensor': 1, 'dcn_data': 1, 'dcn_fsdp': 2}
+
+
+@pytest.mark.parametrize('cfg,message', [
+    ({'data': 2, 'fsdp': 2, 'tensor': 4}, 'the mesh data=2 x fsdp=2 x tensor=4 = 16 devices '
+     'does not match the 8 devices available; make the product 8 or set one axis to -1.'),
+    ({'data': 3, 'fsdp': -1}, 'mesh.fsdp=-1 cannot take the remaining devices: 8 is not '
+     'divisible by data=3 x tensor=1 = 3; choose sizes that divide 8.'),
+    ({'data': -1, 'fsdp': -1}, 'only one of mesh.data/fsdp/tensor may be -1'),
+    ({'tensor': 0}, 'mesh.tensor must be a positive integer or -1, got 0.'),
+    ({'model': 2}, "unknown mesh config key(s) ['model']"),
+])
+def test_mesh_errors(cfg, message):
+  with pytest.raises(MeshError) as e:
+    parallel.make_mesh(cfg)
+  assert message in str(e.value)
+  assert str(e.value).count('. ') == 0 or '; ' in str(e.value)  # one sentence
+
+
+# ----------------------------------------------------------------------------- golden specs
+
+def _spec_list(spec):
+  return [list(a) if isinstance(a, tuple) else a for a in spec]
+
+
+def sharding_table(preset: str) -> dict:
+  """{model variant: {param path: {'logical': [...], 'mesh': [...]}}} for `preset`."""
+  out = {}
+  for variant, cfg in (('tiny_llama', tiny()), ('tiny_llama_scan', tiny(scan_layers=True))):
+    specs = rules_lib.param_specs(models.build(cfg))
+    flat = {'/'.join(k): v for k, v in
+            __import__('flax').traverse_util.flatten_dict(specs, keep_empty_nodes=False).items()}
+    out[variant] = {
+        path: {'logical': list(spec),
+               'mesh': _spec_list(rules_lib.logical_to_mesh_spec(spec, preset))}
+        for path, spec in sorted(flat.items())}
+  return out
+
+
+@pytest.mark.parametrize('preset', sorted(rules_lib.PRESETS))
+def test_golden_sharding(preset):
+  path = GOLDEN / f'sharding_{preset}.json'
+  table = {'rules': [[k, list(v) if isinstance(v, tuple) else v]
+                     for k, v in rules_lib.PRESETS[preset]], 'params': sharding_table(preset)}
+  if os.environ.get('FLAXLLM_UPDATE_GOLDEN'):
+    path.write_text(json.dumps(table, indent=1) + '\n')
+  golden = json.loads(path.read_text())
+  assert golden == table, f'sharding for {preset!r} changed; review and regenerate {path.name}'
+
+
+def test_golden_spot_checks():
+  """Hand-checked entries of the golden files (the files themselves are the full reference)."""
+  g = {p: json.loads((GOLDEN / f'sharding_{p}.json').read_text())['params']
+       for p in rules_lib.PRESETS}
+  layer = 'decoder/layers_0/'
+  tp = g['fsdp_tp']['tiny_llama']
+  assert tp[layer + 'attn/q_proj/kernel']['mesh'] == ['fsdp', 'tensor', None]
+  assert tp[layer + 'attn/k_proj/kernel']['mesh'] == ['fsdp', 'tensor', None]
+  assert tp[layer + 'attn/o_proj/kernel']['mesh'] == ['tensor', None, 'fsdp']
+  assert tp[layer + 'mlp/gate_proj/kernel']['mesh'] == ['fsdp', 'tensor']
+  assert tp[layer + 'mlp/down_proj/kernel']['mesh'] == ['tensor', 'fsdp']
+  assert tp['embed/embedding']['mesh'] == ['tensor', 'fsdp']
+  assert tp['lm_head/kernel']['mesh'] == ['fsdp', 'tensor']
+  assert tp[layer + 'attn_norm/scale']['mesh'] == ['fsdp']
+  scan = g['fsdp_tp']['tiny_llama_scan']
+  assert scan['decoder/layers/attn/q_proj/kernel'] == {
+      'logical': ['layers', 'embed', 'heads', 'head_dim'], 'mesh': [None, 'fsdp', 'tensor', None]}
+  fsdp = g['fsdp']['tiny_llama']
+  assert fsdp[layer + 'attn/q_proj/kernel']['mesh'] == ['fsdp', None, None]
+  assert fsdp[layer + 'attn/o_proj/kernel']['mesh'] == [None, None, 'fsdp']
+  assert fsdp['embed/embedding']['mesh'] == [None, 'fsdp']
+  assert all(all(a is None for a in e['mesh']) for e in g['dp']['tiny_llama'].values())
+  assert len(fsdp) == 2 * 9 + 3  # 9 params per layer, embed, final norm, lm_head
+
+
+def test_activation_rules():
+  # batch takes ('data', 'fsdp') first, so embed stays replicated on activations.
+  r = rules_lib.get_rules('fsdp_tp')
+  assert nn.logical_to_mesh_axes(('batch', 'length', 'embed'), r) == P(('data', 'fsdp'), None,
+                                                                        None)
+  assert nn.logical_to_mesh_axes(('batch', 'length', 'heads', 'head_dim'), r) == P(
+      ('data', 'fsdp'), None, 'tensor', None)
+  assert nn.logical_to_mesh_axes(('batch', 'length', 'vocab'), r) == P(('data', 'fsdp'), None,
+                                                                        'tensor')
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_tensor_axis_must_divide_kv_heads():
+  mesh = parallel.make_mesh({'data': 2, 'fsdp': 1, 'tensor': 4})
+  with pytest.raises(parallel.ShardingError) as e:
+    parallel.param_shardings(models.build(tiny()), mesh, 'fsdp_tp')
+  assert str(e.value) == (
+      'decoder/layers_0/attn/k_proj/kernel dim 1 (kv_heads=2) cannot be split over mesh '
+      'tensor=4 = 4 devices; make mesh.tensor a divisor of 2, change model.num_kv_heads, or use '
+      "rules that do not shard 'kv_heads'.")
+
+
+def test_tensor_axis_must_divide_mlp():
+  mesh = parallel.make_mesh({'data': 2, 'fsdp': 1, 'tensor': 4})
+  cfg = tiny(num_kv_heads=4, mlp_dim=96 + 2)
+  with pytest.raises(parallel.ShardingError, match=r'mlp/gate_proj/kernel dim 1 \(mlp=98\)'):
+    parallel.param_shardings(models.build(cfg), mesh, 'fsdp_tp')
+
+
+def test_fsdp_axis_must_divide_embed():
+  mesh = parallel.make_mesh({'fsdp': 8})
+  cfg = tiny(d_model=36, head_dim=8)
+  with pytest.raises(parallel.ShardingError, match=r'embed=36\) cannot be split over mesh '
+                     r'fsdp=8 = 8 devices; make mesh.fsdp a divisor of 36, change model.d_model'):
+    parallel.param_shardings(models.build(cfg), mesh, 'fsdp')
+
+
+def test_unused_mesh_axis_is_an_error():
+  mesh = parallel.make_mesh({'data': 4, 'fsdp': 1, 'tensor': 2})
+  with pytest.raises(parallel.ShardingError, match="mesh axis 'tensor' has size 2 but sharding "
+                     "rules 'fsdp' do not use it"):
+    parallel.param_shardings(models.build(tiny()), mesh, 'fsdp')
+  with pytest.raises(parallel.ShardingError, match="unknown sharding rules 'zero3'"):
+    parallel.get_rules('zero3')
+
+
+def test_batch_must_divide_data_axes():
+  mesh = parallel.make_mesh({'data': 2, 'fsdp': 4})
+  parallel.check_batch(16, mesh)
+  with pytest.raises(parallel.ShardingError) as e:
+    parallel.check_batch(12, mesh)
+  assert str(e.value) == ('the global batch size 12 is not divisible by the data-parallel mesh '
+                          'axes data=2 x fsdp=4 = 8; use a multiple of 8.')
+  with pytest.raises(parallel.ShardingError, match='not divisible'):
+    parallel.shard_batch({'tokens': np.zeros((6, 9), np.int32)}, mesh)
+
+
+def test_coordinator_that_never_answers_times_out():
+  port = local_launch.free_port()  # nothing listens there
+  with pytest.raises(distributed.CoordinatorTimeout) as e:
+    distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=1, timeout_s=1)
+  assert str(e.value) == (f'the coordinator at 127.0.0.1:{port} did not answer within 1 s; check '
+                          f'that process 0 is running and that 127.0.0.1:{port} is reachable '
+                          'from this host.')
+  assert distributed.initialize() is False  # no coordinator, no cluster: single process
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+MESHES = [({'data': 8}, 'fsdp'), ({'data': 2, 'fsdp': 4}, 'fsdp'),
+          ({'data': 2, 'fsdp': 2, 'tensor': 2}, 'fsdp_tp')]
+
+
+@pytest.fixture(scope='module')
+def reference_run():
+  return selftest.run(one_device_mesh(), 'fsdp', steps=5)
+
+
+@pytest.mark.parametrize('mesh_cfg,preset', MESHES, ids=lambda x: str(x))
+def test_sharded_training_matches_one_device(reference_run, mesh_cfg, preset):
+  mesh = parallel.make_mesh(mesh_cfg)
+  out = selftest.run(mesh, preset, steps=5)
+  np.testing.assert_allclose(out['losses'], reference_run['losses'], rtol=RTOL)
+  state = out['state']
+  q = state['params']['decoder']['layers_0']['attn']['q_proj']['kernel']
+  mu = state['opt_state'][0].mu['decoder']['layers_0']['attn']['q_proj']['kernel']
+  expected = rules_lib.logical_to_mesh_spec(('embed', 'heads', 'head_dim'), preset)
+  assert q.sharding.spec == expected and mu.sharding.spec == expected
+  assert state['step'].sharding.spec == P()
+  if mesh.shape['fsdp'] > 1:  # really sharded: each device holds a slice
+    assert q.addressable_shards[0].data.shape[0] == 64 // mesh.shape['fsdp']
+
+
+def test_create_sharded_with_boxed_params():
+  """init_fn may return Linen's boxed params straight from model.init."""
+  import optax
+  model = models.build(tiny(scan_layers=True))
+  mesh = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  tx = optax.adamw(1e-3)
+
+  def init(rng):
+    params = model.init(rng, np.zeros((1, 8), np.int32))['params']  # boxed
+    return {'params': params, 'opt': tx.init(params)}
+
+  state, shardings = parallel.create_sharded(init, mesh, 'fsdp_tp', jax.random.key(0))
+  k = state['params']['decoder']['layers']['attn']['k_proj']['kernel']
+  assert k.shape == (2, 64, 2, 16) and k.sharding.spec == P(None, 'fsdp', 'tensor', None)
+  mu = state['opt'][0].mu['decoder']['layers']['attn']['k_proj']['kernel']
+  assert mu.sharding.spec == P(None, 'fsdp', 'tensor', None)
+  assert k.addressable_shards[0].data.shape == (2, 32, 1, 16)
+
+
+def test_shard_batch_and_local_rows():
+  mesh = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  assert parallel.local_batch_slice(8, mesh) == slice(0, 8)  # one process loads everything
+  x = np.arange(8 * 5, dtype=np.int32).reshape(8, 5)
+  arr = parallel.shard_batch({'tokens': x}, mesh)['tokens']
+  assert arr.sharding.spec == P(('data', 'fsdp'), None)
+  np.testing.assert_array_equal(np.asarray(arr), x)
+  assert {s.data.shape for s in arr.addressable_shards} == {(2, 5)}
+
+
+def test_two_processes_match_one(reference_run, tmp_path):
+  """launch/local.py: 2 processes x 4 CPU devices (gloo) == 1 process x 8 devices == 1 device."""
+  buf = io.StringIO()
+  code = local_launch.launch(
+      [sys.executable, '-m', 'flaxllm.parallel.selftest', '--data=2', '--fsdp=2', '--tensor=2',
+       '--rules=fsdp_tp', '--steps=5', '--timeout=60'],
+      num_processes=2, devices_per_process=4, timeout=240, cwd=str(ROOT), out=buf)
+  log = buf.getvalue()
+  assert code == 0, log[-3000:]
+  results = [json.loads(line.split('LOSSES ', 1)[1]) for line in log.splitlines()
+             if 'LOSSES ' in line]
+  assert sorted(r['process'] for r in results) == [0, 1], log[-3000:]
+  for r in results:
+    assert r['processes'] == 2 and r['devices'] == 8
+    np.testing.assert_allclose(r['losses'], reference_run['losses'], rtol=RTOL)
+  assert sorted(tuple(r['rows']) for r in results) == [(0, 4), (4, 8)]
+
+
+def test_launcher_propagates_failure():
+  buf = io.StringIO()
+  code = local_launch.launch(
+      [sys.executable, '-c', 'import os, sys, time\n'
+       'if os.environ["FLAXLLM_PROCESS_ID"] == "1": print("boom"); sys.exit(3)\n'
+       'time.sleep(60)'], num_processes=2, timeout=30, out=buf, platform='')
+  assert code == 3
+  assert '[p1] boom' in buf.getvalue()
+  assert 'process 1 exited with code 3; stopping the others.' in buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_saved_on_8_devices_restores_on_one(reference_run, tmp_path):
+  """Save at step 2 on (data=2, fsdp=2, tensor=2); restore on 1 device; the next 3 losses
+  equal the uninterrupted run's."""
+  import orbax.checkpoint as ocp
+  ckpt = tmp_path / 'ckpt'
+  mesh8 = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+
+  def save(step, state):
+    if step == 2:
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(ckpt, state)
+        ckptr.wait_until_finished()
+
+  run8 = selftest.run(mesh8, 'fsdp_tp', steps=5, on_step=save)
+  np.testing.assert_allclose(run8['losses'], reference_run['losses'], rtol=RTOL)
+
+  # Target: the 1-device state layout (abstract arrays carrying 1-device shardings).
+  shardings, step1 = reference_run['setup']
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        reference_run['state'], shardings)
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(ckpt, args=ocp.args.StandardRestore(target))
+  q = restored['params']['decoder']['layers_0']['attn']['q_proj']['kernel']
+  assert q.sharding.mesh.devices.size == 1 and int(restored['step']) == 2
+  cont = selftest.run(one_device_mesh(), 'fsdp', steps=3, start=2, state=restored,
+                      setup=reference_run['setup'])
+  np.testing.assert_allclose(cont['losses'], reference_run['losses'][2:], rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------- AOT
+
+def test_aot_compile_reports_memory_and_flops():
+  mesh = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  cfg = tiny()
+  report = aot.compile_reference_step(cfg, mesh, 'fsdp_tp', batch=8, seq=32, target='cpu')
+  n_params = models.param_count(cfg)
+  state_bytes = 3 * 4 * n_params  # params + mu + nu, float32
+  # Every state array is split 8 ways except the replicated norm... none here: all shard.
+  assert state_bytes / 8 <= report.argument_bytes <= state_bytes / 8 + 8 * 33 * 4 + 1024
+  assert report.output_bytes >= state_bytes / 8
+  assert report.temp_bytes > 0 and report.flops and report.flops > 0
+  assert report.total_bytes > 0 and 'per device' in report.summary()
+  aot.check_memory(report, '1GiB')
+  with pytest.raises(aot.MemoryBudgetError, match=r'needs .* per device on cpu .* but the '
+                     r'budget is 1.00 KiB; shard over more devices'):
+    aot.check_memory(report, '1KiB')
+
+
+def test_aot_targets():
+  devices, desc = aot.target_devices('cpu')
+  assert len(devices) == 8 and desc == '8 fake CPU devices'
+  with pytest.raises(aot.TargetUnavailable, match="unknown compile target 'gpu:h100'"):
+    aot.target_devices('gpu:h100')
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    with pytest.raises(aot.TargetUnavailable, match='needs the libtpu package'):
+      aot.target_devices('tpu:v5e:2x2')
+    return
+  devices, desc = aot.target_devices('tpu:v5e:2x4')
+  assert len(devices) == 8 and 'TPU v5e:2x4' in desc
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def test_tpu_vm_dry_run(capsys):
+  argv = ['all', '--name=run1', '--zone=us-west4-a', '--accelerator=v5litepod-16',
+          '--jax-version=0.10.2', '--env', 'WANDB_MODE=offline', '--dry-run', '--',
+          'flaxllm', 'train', '--config=configs/llama.py', '--config.mesh.fsdp=-1']
+  assert tpu_vm.main(argv) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0] == ('gcloud compute tpus tpu-vm create run1 --zone=us-west4-a '
+                      '--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite')
+  assert lines[1] == 'git archive --format=tar.gz -o /tmp/flaxllm-src.tar.gz HEAD'
+  assert lines[2] == ("gcloud compute tpus tpu-vm scp /tmp/flaxllm-src.tar.gz "
+                      "'run1:~/flaxllm.tar.gz' --zone=us-west4-a --worker=all")
+  assert lines[3].startswith('gcloud compute tpus tpu-vm ssh run1 --zone=us-west4-a '
+                             "--worker=all '--command=rm -rf ~/flaxllm")
+  assert '"jax[tpu]==0.10.2"' in lines[3]
+  assert lines[4] == ("gcloud compute tpus tpu-vm ssh run1 --zone=us-west4-a --worker=all "
+                      "'--command=set -o pipefail; (cd ~/flaxllm && WANDB_MODE=offline flaxllm "
+                      "train --config=configs/llama.py --config.mesh.fsdp=-1) 2>&1 | tee "
+                      "~/flaxllm-run.log'")
+  assert lines[5] == 'gcloud compute tpus tpu-vm delete run1 --zone=us-west4-a --quiet'
+  assert len(lines) == 6
+
+
+def test_tpu_vm_git_sync_and_logs_dry_run(capsys):
+  tpu_vm.main(['sync', '--name=r', '--zone=z', '--project=p', '--git=https://x/y.git',
+               '--branch=dev', '--jax-version=0.10.2', '--dry-run'])
+  tpu_vm.main(['logs', '--name=r', '--zone=z', '--worker=3', '--dry-run'])
+  tpu_vm.main(['run', '--name=r', '--zone=z', '--detach', '--dry-run', '--', 'echo', 'hi there'])
+  sync, logs, run = capsys.readouterr().out.strip().splitlines()
+  assert 'git clone -q -b dev https://x/y.git ~/flaxllm' in sync and '--project=p' in sync
+  assert logs == ("gcloud compute tpus tpu-vm ssh r --zone=z --worker=3 "
+                  "'--command=tail -n +1 -f ~/flaxllm-run.log'")
+  assert 'nohup bash -c' in run and "'hi there'" in run and '--worker=all' in run
+
+
+def test_slurm_template_is_valid_bash():
+  path = ROOT / 'launch' / 'slurm.sbatch'
+  assert subprocess.run(['bash', '-n', str(path)]).returncode == 0
+  text = path.read_text()
+  assert '#SBATCH --ntasks-per-node=1' in text and 'srun' in text
