@@ -584,7 +584,7 @@ def _check_tensors(groups, src: _TensorSource, family: str, cfg: ModelConfig, ar
   if extra:
     raise HFInteropError(f'{arch} checkpoint has unexpected tensor(s) {_names(extra)} that '
                          'its config.json does not account for.')
-  for n in sorted(expected, key=_natural):
+  for n in expected:  # checkpoint order: embeddings, layers, head
     if src.shape[n] != expected[n]:
       raise HFInteropError(f'tensor {n!r} has shape {src.shape[n]} in the checkpoint but the '
                            f'config expects {expected[n]}.')
