@@ -312,3 +312,22 @@ def test_validation_iterator_rewinds_to_its_start(small_stdlib):
   _assert_same(list(it), everything)
   it.set_state(start)
   _assert_same(_take(it, 1), everything[:1])
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_restore(small_stdlib):
+  tok = data.ByteTokenizer()
+  kw = dict(split="train", seq_len=32, batch_size=3, seed=7)
+  expected = _take(data.make_iterator(small_stdlib, tok, **kw), 8)
+  it = data.make_iterator(dict(small_stdlib, worker_count=1), tok, **kw)
+  try:
+    _assert_same(_take(it, 3), expected[:3])
+    state = json.loads(json.dumps(it.get_state()))
+  finally:
+    it.close()
+  fresh = data.make_iterator(dict(small_stdlib, worker_count=1), tok, **kw)
+  try:
+    fresh.set_state(state)
+    _assert_same(_take(fresh, 5), expected[3:])
+  finally:
+    fresh.close()

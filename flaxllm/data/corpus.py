@@ -353,6 +353,17 @@ def _fingerprint(root: str, rels: Sequence[str], settings: Mapping[str, Any]) ->
   return h.hexdigest()[:16]
 
 
+class _DropOurCustomConfigWarning(logging.Filter):
+  """TFDS warns about every config not in BUILDER_CONFIGS; ours are all generated (also in grain workers)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    return not ("Using custom data configuration" in msg and "TextCorpusConfig(" in msg)
+
+
+logging.getLogger("absl").addFilter(_DropOurCustomConfigWarning())
+
+
 @dataclasses.dataclass
 class BuiltCorpus:
   """A prepared local corpus: read it with ``tfds.data_source(name, data_dir=data_dir)``."""
@@ -417,7 +428,6 @@ def build_text_corpus(
       max_bytes=settings["max_bytes"],
   )
   data_dir = data_dir or os.path.join(cache_dir(), "tfds")
-  logging.getLogger("absl").setLevel(max(logging.getLogger("absl").level, logging.ERROR))
   builder = FlaxllmText(config=config, data_dir=data_dir)
   if not builder.is_prepared():
     log.info("Building text corpus %s into %s", config_name, data_dir)

@@ -216,6 +216,14 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
       close()
 
 
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside an absl app, use their defaults."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def make_iterator(
     data_config: Any,
     tokenizer: Tokenizer,
@@ -277,6 +285,7 @@ def make_iterator(
   read_threads = int(cfg_get(data_config, "read_threads", 0))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 4 * read_threads)))
   if workers > 0:
+    _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   it_ds = pack_examples(it_ds, seq_len, method=packing, pad_id=pad_id, num_bins=int(cfg_get(data_config, "packing_bins", 16)))
   it_ds = it_ds.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size, pad_id))

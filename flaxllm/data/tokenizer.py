@@ -260,14 +260,12 @@ def _is_data_config(obj: Any) -> bool:
   )
 
 
-def _corpus_texts(corpus: Any, max_bytes: int) -> tuple[list[str], str]:
-  """``(texts, identity)`` for a data config, a directory path or a list of strings."""
-  if isinstance(corpus, (str, os.PathLike)):
-    corpus = {"source": "text", "path": os.fspath(corpus)}
+def _corpus_identity(corpus: Any, max_bytes: int) -> tuple[str, list[str] | None]:
+  """``(identity, texts)``: texts are read here only when the identity needs them (lists of strings)."""
+  corpus = _as_data_config(corpus)
   if _is_data_config(corpus):
     _, identity = corpus_lib.open_split(corpus, "train")
-    texts = list(corpus_lib.iter_texts(corpus, "train", max_bytes or None))
-    return texts, f"data:{identity}:{max_bytes}"
+    return f"data:{identity}:{max_bytes}", None
   texts, h, total = [], hashlib.sha256(), 0
   for t in corpus:
     if not isinstance(t, str):
@@ -277,7 +275,11 @@ def _corpus_texts(corpus: Any, max_bytes: int) -> tuple[list[str], str]:
     total += len(t)
     if max_bytes and total >= max_bytes:
       break
-  return texts, f"texts:{h.hexdigest()}"
+  return f"texts:{h.hexdigest()}", texts
+
+
+def _as_data_config(corpus: Any) -> Any:
+  return {"source": "text", "path": os.fspath(corpus)} if isinstance(corpus, (str, os.PathLike)) else corpus
 
 
 def tokenizer_cache_root() -> str:
@@ -287,7 +289,7 @@ def tokenizer_cache_root() -> str:
 def train_or_load_sentencepiece(config: Any, corpus: Any) -> SentencePieceTokenizer:
   """The SentencePiece model for ``corpus`` and ``config``: from the cache, or trained and cached."""
   settings = spm_settings(config)
-  texts, identity = _corpus_texts(corpus, settings["max_train_bytes"])
+  identity, texts = _corpus_identity(corpus, settings["max_train_bytes"])
   key = hashlib.sha256(json.dumps({"corpus": identity, **settings}, sort_keys=True).encode()).hexdigest()[:16]
   root = cfg_get(config, "cache_dir") or tokenizer_cache_root()
   out_dir = os.path.join(os.path.expanduser(root), f"spm{settings['vocab_size']}_{key}")
@@ -295,6 +297,8 @@ def train_or_load_sentencepiece(config: Any, corpus: Any) -> SentencePieceTokeni
   if os.path.isfile(path):
     with open(path, "rb") as f:
       return SentencePieceTokenizer(f.read(), path=path, cached=True)
+  if texts is None:
+    texts = list(corpus_lib.iter_texts(_as_data_config(corpus), "train", settings["max_train_bytes"] or None))
   if not any(t.strip() for t in texts):
     raise ValueError("The tokenizer corpus is empty; point data.path at UTF-8 text files or pass non-empty texts.")
   log.info("Training a %d-token SentencePiece model on %d documents", settings["vocab_size"], len(texts))
