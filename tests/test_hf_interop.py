@@ -425,3 +425,23 @@ def test_save_errors(tmp_path):
                      r'the model config expects \(64, 256\)'):
     hf.save(cfg, bad, str(tmp_path))
   assert not os.listdir(tmp_path)  # nothing written on error
+
+
+@pytest.mark.parametrize('preset', ['gpt2', 'llama2_7b', 'llama3.1_8b', 'llama3.2_1b'])
+def test_preset_config_and_tensor_names_match_transformers(preset):
+  """Full-size presets: config round trip through transformers, and the exact tensor names and
+  shapes a transformers model of that config has (built on the meta device, no memory)."""
+  cfg = M.presets.get(preset)
+  d = hf.config_to_hf(cfg)
+  tcfg = transformers.AutoConfig.for_model(
+      d['model_type'], **{k: v for k, v in d.items() if k not in ('model_type',)})
+  back = hf.config_from_hf(dict(tcfg.to_dict(), architectures=d['architectures']))
+  norm = lambda c: c.replace(head_dim=c.dim_per_head, num_kv_heads=c.kv_heads, init_std=0.02)
+  assert norm(back) == norm(cfg)
+  with torch.device('meta'):
+    model = transformers.AutoModelForCausalLM.from_config(tcfg)
+  family = 'gpt2' if preset == 'gpt2' else 'llama'
+  ours = {n: s for g in hf._groups_for(family, cfg) for n, s in zip(g.hf, g.hf_shapes)}
+  theirs = {n: tuple(t.shape) for n, t in model.state_dict().items()
+            if not (cfg.tie_embeddings and n == 'lm_head.weight')}
+  assert ours == theirs

@@ -178,9 +178,8 @@ def _llama_config_from_hf(hf: dict, arch: str) -> dict:
   head_dim = None if head_dim in (None, d_model // heads) else int(head_dim)
   kv = hf.get('num_key_value_heads')
   theta, scaling = _rope_from_hf(hf)
+  # transformers' Llama ignores any sliding_window field; Mistral applies it (None = full).
   sliding = hf.get('sliding_window') if arch == 'MistralForCausalLM' else None
-  if arch == 'LlamaForCausalLM' and hf.get('sliding_window'):
-    sliding = hf['sliding_window']
   return dict(
       arch='decoder', vocab_size=int(hf['vocab_size']), d_model=d_model,
       num_layers=int(hf['num_hidden_layers']), num_heads=heads,
@@ -400,7 +399,7 @@ def _gpt2_groups(cfg: ModelConfig, prefix: str = 'transformer.') -> list[_Group]
 
 # Buffers or redundant tensors that some checkpoints carry and that are safe to skip.
 _IGNORED = {
-    'llama': [r'(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq'],
+    'llama': [r'(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq'],
     'gpt2': [r'(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)'],
 }
 
@@ -546,6 +545,7 @@ def load(path: str, *, dtype=None, compute_dtype=None, scan_layers: bool = False
   groups = _groups_for(family, cfg, prefix)
   _check_tensors(groups, src, family, cfg, arch)
 
+  import jax.numpy as jnp
   params: dict = {}
   stacked: dict[tuple, np.ndarray] = {}
   try:
@@ -559,13 +559,12 @@ def load(path: str, *, dtype=None, compute_dtype=None, scan_layers: bool = False
             stacked[key] = np.empty((cfg.num_layers,) + arr.shape, dtype)
           stacked[key][g.layer] = arr
         else:
-          _set(params, _flax_path(g, rel, False), np.ascontiguousarray(arr))
+          # To the device now, so the host holds about one tensor at a time.
+          _set(params, _flax_path(g, rel, False), jnp.asarray(arr))
   finally:
     src.close()
-  for key, arr in stacked.items():
-    _set(params, key, arr)
-  import jax
-  params = jax.tree.map(jax.numpy.asarray, params)
+  for key in list(stacked):
+    _set(params, key, jnp.asarray(stacked.pop(key)))
   return cfg, params
 
 
