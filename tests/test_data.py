@@ -299,6 +299,8 @@ def test_iterator_bad_arguments(small_stdlib):
     data.make_iterator(dict(small_stdlib, packing="zip"), tok, split="train", seq_len=8, batch_size=2, seed=0)
   with pytest.raises(ValueError, match="no split"):
     data.make_iterator(small_stdlib, tok, split="test", seq_len=8, batch_size=2, seed=0)
+  with pytest.raises(ValueError, match="Unknown data.format"):
+    data.make_iterator(dict(small_stdlib, format="chat"), tok, split="train", seq_len=8, batch_size=2, seed=0)
 
 
 def test_validation_iterator_rewinds_to_its_start(small_stdlib):

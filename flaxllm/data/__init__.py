@@ -37,12 +37,14 @@ from flaxllm.data.corpus import (
     split_of,
 )
 from flaxllm.data.pipeline import (
+    DOCUMENT_FORMATS,
     DataIterator,
     document_to_example,
     make_document,
     make_iterator,
     pack_documents,
     pack_examples,
+    text_document,
 )
 from flaxllm.data.tokenizer import (
     ByteTokenizer,
@@ -53,6 +55,7 @@ from flaxllm.data.tokenizer import (
 )
 
 __all__ = [
+    "DOCUMENT_FORMATS",
     "BuiltCorpus",
     "ByteTokenizer",
     "DataIterator",
@@ -72,4 +75,5 @@ __all__ = [
     "pack_examples",
     "plan_corpus",
     "split_of",
+    "text_document",
 ]

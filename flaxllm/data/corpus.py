@@ -354,11 +354,13 @@ def _fingerprint(root: str, rels: Sequence[str], settings: Mapping[str, Any]) ->
 
 
 class _DropOurCustomConfigWarning(logging.Filter):
-  """TFDS warns about every config not in BUILDER_CONFIGS; ours are all generated (also in grain workers)."""
+  """Drops TFDS warnings that are normal for our builder: every config is generated (not in
+  BUILDER_CONFIGS; also logged in grain workers) and a new one has no dataset_info.json yet."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     msg = record.getMessage()
-    return not ("Using custom data configuration" in msg and "TextCorpusConfig(" in msg)
+    ours = "TextCorpusConfig(" in msg or f"/{BUILDER_NAME}/" in msg
+    return not (ours and ("Using custom data configuration" in msg or "has no dataset_info.json" in msg))
 
 
 logging.getLogger("absl").addFilter(_DropOurCustomConfigWarning())

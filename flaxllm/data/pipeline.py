@@ -14,8 +14,9 @@ Per process::
 Documents are dicts ``{'tokens': int32[n], 'loss_mask': float32[n] (optional)}``
 where ``loss_mask[i]`` says whether token ``i`` is trained on (predicted from
 its prefix). Pretraining text leaves it out (all ones); instruction data (JSONL)
-plugs in by producing documents with a mask over the response tokens and calling
-:func:`pack_documents` / the same pipeline.
+plugs in as a new entry of ``DOCUMENT_FORMATS`` (``data.format``) that returns
+documents with a mask over the response tokens (and, if needed, a new source in
+:func:`flaxllm.data.corpus.open_split`); packing carries the mask through.
 """
 
 from __future__ import annotations
@@ -56,18 +57,30 @@ def document_to_example(doc: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": mask[1:]}
 
 
+def text_document(tokenizer: Tokenizer, record: Any, text_key: str = "text") -> dict[str, np.ndarray]:
+  """The ``'text'`` format: the record's text feature (bytes or str) as one document."""
+  text = record[text_key] if isinstance(record, Mapping) else record
+  if isinstance(text, bytes):
+    text = text.decode("utf-8", errors="replace")
+  return make_document(tokenizer, str(text))
+
+
+# data.format -> function(tokenizer, record, text_key) -> document. The seam for instruction data:
+# a JSONL/chat format returns {'tokens', 'loss_mask'} with the mask on the response tokens, and
+# packing carries the mask through. Functions must be importable top-level ones (grain workers).
+DOCUMENT_FORMATS = {"text": text_document}
+
+
 @dataclasses.dataclass(frozen=True)
-class TokenizeText(grain.transforms.Map):
-  """grain transform: a raw record (``{text_key: bytes | str}``) to a training example."""
+class RecordToExample(grain.transforms.Map):
+  """grain transform: a raw record -> document (via ``document_fn``) -> training example."""
 
   tokenizer: Tokenizer
+  document_fn: Any = text_document
   text_key: str = "text"
 
   def map(self, record):
-    text = record[self.text_key] if isinstance(record, Mapping) else record
-    if isinstance(text, bytes):
-      text = text.decode("utf-8", errors="replace")
-    return document_to_example(make_document(self.tokenizer, str(text)))
+    return document_to_example(self.document_fn(self.tokenizer, record, self.text_key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +255,7 @@ def make_iterator(
     data_config: dict/ConfigDict with ``source`` ('stdlib' | 'text' | 'tfds')
       and its fields (``path``/``glob``, ``name``/``data_dir``, ``max_files``,
       ``max_bytes``, ``val_fraction``, ``text_key``, ``<split>_split``), plus
+      ``format`` ('text': one document per record; see ``DOCUMENT_FORMATS``),
       ``shuffle`` (True: seeded global shuffle of the train split),
       ``packing`` ('concat' | 'first_fit'), ``worker_count`` (0: tokenize in
       this process), ``read_threads`` (0).
@@ -281,7 +295,10 @@ def make_iterator(
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   ds = ds[shard.shard_index :: shard.shard_count]
-  ds = ds.map(TokenizeText(tokenizer, cfg_get(data_config, "text_key", "text")))
+  fmt = cfg_get(data_config, "format", "text")
+  if fmt not in DOCUMENT_FORMATS:
+    raise ValueError(f"Unknown data.format {fmt!r}; use one of {sorted(DOCUMENT_FORMATS)}.")
+  ds = ds.map(RecordToExample(tokenizer, DOCUMENT_FORMATS[fmt], cfg_get(data_config, "text_key", "text")))
   read_threads = int(cfg_get(data_config, "read_threads", 0))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 4 * read_threads)))
   if workers > 0:
@@ -300,6 +317,7 @@ def make_iterator(
       process_count=process_count,
       num_epochs=num_epochs,
       packing=packing,
+      format=fmt,
       worker_count=workers,
       vocab_size=tokenizer.vocab_size,
   )
