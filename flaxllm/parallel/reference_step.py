@@ -24,7 +24,7 @@ def make_init(model: nn.Module, tx: optax.GradientTransformation, seq_len: int =
 
   def init(rng):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = nn.meta.unbox(model.init(rng, tokens)['params'])
+    params = sharding_lib.unbox(model.init(rng, tokens)['params'])
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
   return init

@@ -173,7 +173,9 @@ def param_shapes(model: nn.Module, *example_inputs, rng=None) -> Any:
     example_inputs = (tokens, tokens) if type(model).__name__ == 'EncoderDecoder' else (tokens,)
   rng = jax.random.key(0) if rng is None else rng
   abstract = jax.eval_shape(lambda: model.init(rng, *example_inputs))
-  return nn.meta.unbox(abstract)['params']
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False)
+                      if isinstance(x, nn.meta.AxisMetadata) else x, abstract['params'],
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def param_shardings(model: nn.Module, mesh: Mesh, rules=None, *example_inputs) -> Any:

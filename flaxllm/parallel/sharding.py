@@ -38,6 +38,12 @@ def _is_spec(x) -> bool:
   return isinstance(x, P)
 
 
+def unbox(tree: Any) -> Any:
+  """Removes Linen's logical-partitioning boxes without applying sharding constraints."""
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x, tree,
+                      is_leaf=_is_box)
+
+
 def state_specs(abstract_state: Any, param_specs: Any = None) -> Any:
   """Logical PartitionSpecs for every leaf of `abstract_state` (boxes removed).
 
@@ -49,7 +55,7 @@ def state_specs(abstract_state: Any, param_specs: Any = None) -> Any:
   """
   boxed_specs = jax.tree.map(
       lambda x: x.get_partition_spec() if _is_box(x) else P(), abstract_state, is_leaf=_is_box)
-  unboxed = nn.meta.unbox(abstract_state)
+  unboxed = unbox(abstract_state)
   if param_specs is None:
     return boxed_specs
   p_leaves, p_def = jax.tree.flatten(param_specs, is_leaf=_is_spec)
@@ -81,7 +87,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules=None, param_specs: An
   rules_lib.check_mesh(mesh, rules)
   specs = state_specs(abstract_state, param_specs)
   if validate:
-    rules_lib.validate(nn.meta.unbox(abstract_state), specs, mesh, rules)
+    rules_lib.validate(unbox(abstract_state), specs, mesh, rules)
   return rules_lib.logical_to_sharding(specs, mesh, rules)
 
 
@@ -94,7 +100,7 @@ def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules=None, *args,
   optimizer state) are sharded like the params. Returns `(state, shardings)`, both unboxed.
   """
   rules = rules_lib.get_rules(rules)
-  fn = lambda *a, **k: nn.meta.unbox(init_fn(*a, **k))
+  fn = lambda *a, **k: unbox(init_fn(*a, **k))
   with sharding_context(mesh, rules):
     abstract = jax.eval_shape(init_fn, *args, **kwargs)
     shardings = state_shardings(abstract, mesh, rules, param_specs)
@@ -110,7 +116,7 @@ def abstract_state(init_fn: Callable[..., Any], mesh: Mesh, rules=None, *args,
   with sharding_context(mesh, rules):
     abstract = jax.eval_shape(init_fn, *args, **kwargs)
     shardings = state_shardings(abstract, mesh, rules, param_specs)
-  unboxed = nn.meta.unbox(abstract)
+  unboxed = unbox(abstract)
   return with_shardings(unboxed, shardings), shardings
 
 
@@ -138,17 +144,31 @@ def local_batch_slice(global_batch_size: int, mesh: Mesh, rules=None) -> slice:
   return slice(lo, hi)
 
 
+def _local_shards(mesh: Mesh, rules) -> tuple[int, int]:
+  """(data-parallel shards in the mesh, distinct ones on this process's devices)."""
+  n = rules_lib.data_parallel_size(mesh, rules)
+  idx = rules_lib.batch_sharding(mesh, rules, ndim=1).addressable_devices_indices_map((n,))
+  return n, len({s[0].start for s in idx.values()})
+
+
 def shard_batch(batch: Any, mesh: Mesh, rules=None) -> Any:
   """Host-local numpy batch (this process's rows, see `local_batch_slice`) -> global
   jax.Arrays sharded over the data axes; scalars are replicated."""
+  n, k = _local_shards(mesh, rules)
 
   def put(x):
     x = np.asarray(x)
     if x.ndim == 0:
       return jax.device_put(x, NamedSharding(mesh, P()))
+    if x.shape[0] % k:
+      if k == n:
+        rules_lib.check_batch(x.shape[0], mesh, rules)
+      raise rules_lib.ShardingError(
+          f"this process's batch of {x.shape[0]} rows is not divisible by its {k} data-parallel "
+          f'shards; load a multiple of {k} rows per process.')
+    global_shape = (x.shape[0] // k * n,) + x.shape[1:]
+    rules_lib.check_batch(global_shape[0], mesh, rules)
     sharding = rules_lib.batch_sharding(mesh, rules, ndim=x.ndim)
-    out = jax.make_array_from_process_local_data(sharding, x)
-    rules_lib.check_batch(out.shape[0], mesh, rules)
-    return out
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
   return jax.tree.map(put, batch)
