@@ -244,8 +244,8 @@ def test_dispatcher_routes_and_matches_reference():
   kw = dict(causal=True, q_segment_ids=segs, kv_segment_ids=segs, window=8)
   want = reference_attention(q, k, v, **kw)
   for impl in ('auto', 'xla', 'pallas'):
-    np.testing.assert_allclose(kernels.attention(q, k, v, impl=impl, **kw), want, atol=1e-5,
-                               rtol=1e-5, err_msg=impl)
+    got = run(lambda q, k, v: kernels.attention(q, k, v, impl=impl, **kw), q, k, v)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=impl)
 
   def uses_pallas(fn, *args):
     return 'pallas_call' in str(jax.make_jaxpr(fn)(*args))
@@ -410,7 +410,8 @@ def test_llama_training_losses_with_pallas_equal_xla():
   def train(impl):
     cfg = models.presets.get('tiny_llama', attention_impl=impl)
     model = models.build(cfg)
-    params = models.init_params(model, jax.random.key(0))
+    params = models.init_params(models.build(dataclasses.replace(cfg, attention_impl='xla')),
+                                jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, cfg.vocab_size)
     segs = jnp.asarray(packed_segments(2, 48, 3, seed=2)) + 1
 
@@ -436,3 +437,33 @@ def test_llama_training_losses_with_pallas_equal_xla():
     np.testing.assert_allclose(loss_p, loss_x, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  grads_p, grads_x)
+
+
+def test_llama_cached_decoding_with_pallas_matches_full_forward():
+  """With attention_impl='pallas', KV-cache decoding (a 3-token prefill, then single tokens,
+  all through the decode kernel) reproduces the uncached XLA model's logits."""
+  from flaxllm import generate, models
+
+  cfg = models.presets.get('tiny_llama', attention_impl='pallas')
+  full = models.build(dataclasses.replace(cfg, attention_impl='xla'))
+  params = models.init_params(full, jax.random.key(2))
+  seq = jax.random.randint(jax.random.key(3), (2, 7), 0, cfg.vocab_size)
+  want = np.asarray(jax.jit(full.apply)({'params': params}, seq))
+  dec = generate.decode_model(cfg)
+
+  def step(cache, tokens, positions):
+    logits, mutated = dec.apply({'params': params, 'cache': cache}, tokens, positions,
+                                jnp.ones_like(tokens), mutable=['cache'])
+    return logits, mutated['cache']
+
+  cache = generate.init_cache(dec, 2, 12)
+  chunks = [(0, 3)] + [(t, t + 1) for t in range(3, 7)]
+  compiled = {}
+  for start, stop in chunks:
+    positions = jnp.broadcast_to(jnp.arange(start, stop, dtype=jnp.int32), (2, stop - start))
+    args = (cache, seq[:, start:stop], positions)
+    if stop - start not in compiled:
+      compiled[stop - start] = jax.jit(step).lower(*args).compile(_FAST_COMPILE)
+      assert 'decode_attention' in str(jax.make_jaxpr(step)(*args))
+    logits, cache = compiled[stop - start](*args)
+    np.testing.assert_allclose(np.asarray(logits), want[:, start:stop], atol=1e-5, rtol=0)
