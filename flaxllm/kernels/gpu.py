@@ -25,7 +25,8 @@ from flaxllm.kernels.options import BlockSizes, fit_block
 
 
 def default_block_sizes(head_dim):
-  """Defaults for H100-class GPUs (FlashAttention-2 Triton tiles; see bench/attention.py)."""
+  """Defaults for H100-class GPUs: the FlashAttention-2 Triton tutorial's tiles (not yet
+  tuned on hardware; bench/attention.py measures them)."""
   warps = 4 if head_dim <= 64 else 8
   return BlockSizes(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=128,
                     block_q_dq=128, block_k_dq=32, num_warps=warps, num_stages=3,
@@ -52,6 +53,17 @@ def _tile(j, size):
   return pl.ds(pl.multiple_of(j * size, size), size)
 
 
+def _key_tile(j, block_k, k_ref, v_ref, kvseg_ref, spec, q_pos, q_seg, masked):
+  """(k, v, mask) of key tile j read from whole-sequence refs; mask None when not `masked`."""
+  kv = _tile(j, block_k)
+  mask = None
+  if masked:
+    kv_seg = None if kvseg_ref is None else kvseg_ref[:, kv]
+    mask = blocks.tile_mask(spec, q_pos, blocks.col_positions(j * block_k, block_k), q_seg,
+                            kv_seg)
+  return k_ref[kv, :], v_ref[kv, :], mask
+
+
 # ---------------------------------------------------------------------------- forward
 
 def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *,
@@ -63,13 +75,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *,
   q_seg = None if qseg_ref is None else qseg_ref[...]
 
   def step(j, carry, masked):
-    kv = _tile(j, block_k)
-    mask = None
-    if masked:
-      kv_seg = None if kvseg_ref is None else kvseg_ref[:, kv]
-      mask = blocks.tile_mask(spec, q_pos, blocks.col_positions(j * block_k, block_k),
-                              q_seg, kv_seg)
-    return blocks.softmax_step(carry, q, k_ref[kv, :], v_ref[kv, :], spec, mask)
+    k, v, mask = _key_tile(j, block_k, k_ref, v_ref, kvseg_ref, spec, q_pos, q_seg, masked)
+    return blocks.softmax_step(carry, q, k, v, spec, mask)
 
   ranges = blocks.kv_block_range(spec, q_first, q_first + block_q - 1, block_k,
                                  k_ref.shape[0] // block_k)
@@ -143,13 +150,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_
   q_seg = None if qseg_ref is None else qseg_ref[...]
 
   def step(j, dq, masked):
-    kv = _tile(j, block_k)
-    mask = None
-    if masked:
-      kv_seg = None if kvseg_ref is None else kvseg_ref[:, kv]
-      mask = blocks.tile_mask(spec, q_pos, blocks.col_positions(j * block_k, block_k),
-                              q_seg, kv_seg)
-    return blocks.dq_step(dq, q, k_ref[kv, :], v_ref[kv, :], do, lse, delta, spec, mask)
+    k, v, mask = _key_tile(j, block_k, k_ref, v_ref, kvseg_ref, spec, q_pos, q_seg, masked)
+    return blocks.dq_step(dq, q, k, v, do, lse, delta, spec, mask)
 
   ranges = blocks.kv_block_range(spec, q_first, q_first + block_q - 1, block_k,
                                  k_ref.shape[0] // block_k)
@@ -214,13 +216,8 @@ def _decode_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, acc_ref
   q_seg = None if qseg_ref is None else qseg_ref[...]
 
   def step(j, carry, masked):
-    kv = _tile(j, block_k)
-    mask = None
-    if masked:
-      kv_seg = None if kvseg_ref is None else kvseg_ref[:, kv]
-      mask = blocks.tile_mask(spec, q_pos, blocks.col_positions(j * block_k, block_k),
-                              q_seg, kv_seg)
-    return blocks.softmax_step(carry, q, k_ref[kv, :], v_ref[kv, :], spec, mask)
+    k, v, mask = _key_tile(j, block_k, k_ref, v_ref, kvseg_ref, spec, q_pos, q_seg, masked)
+    return blocks.softmax_step(carry, q, k, v, spec, mask)
 
   ranges = blocks.packed_rows_range(spec, offset, r_first, block_r, num_rows, groups, block_k,
                                     k_ref.shape[0] // block_k)

@@ -87,8 +87,11 @@ def _visit(j, ranges, step):
   pl.when((j >= lo) & (j < hi) & jnp.logical_not(full))(lambda: step(True))
 
 
-def _segments(ref):
-  return None if ref is None else ref[...]
+def _tile_mask(spec, q_pos, k_first, block_k, qseg_ref, kvseg_ref):
+  """Mask of the resident tiles: queries at q_pos [rows, 1], keys from k_first."""
+  segment = lambda ref: None if ref is None else ref[...]
+  return blocks.tile_mask(spec, q_pos, blocks.col_positions(k_first, block_k),
+                          segment(qseg_ref), segment(kvseg_ref))
 
 
 def _load(refs):
@@ -124,9 +127,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *s
   def step(masked):
     mask = None
     if masked:
-      mask = blocks.tile_mask(spec, blocks.row_positions(q_first, block_q),
-                              blocks.col_positions(j * block_k, block_k),
-                              _segments(qseg_ref), _segments(kvseg_ref))
+      mask = _tile_mask(spec, blocks.row_positions(q_first, block_q), j * block_k, block_k,
+                        qseg_ref, kvseg_ref)
     _store(scratch, blocks.softmax_step(_load(scratch), q_ref[...], k_ref[...], v_ref[...],
                                         spec, mask))
 
@@ -188,9 +190,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg
   def step(masked):
     mask = None
     if masked:
-      mask = blocks.tile_mask(spec, blocks.row_positions(q_offset + i * block_q, block_q),
-                              blocks.col_positions(k_first, block_k),
-                              _segments(qseg_ref), _segments(kvseg_ref))
+      mask = _tile_mask(spec, blocks.row_positions(q_offset + i * block_q, block_q), k_first,
+                        block_k, qseg_ref, kvseg_ref)
     _store(scratch, blocks.dkv_step(_load(scratch), q_ref[...], k_ref[...], v_ref[...],
                                     do_ref[...], lse_ref[...], delta_ref[...], spec, mask))
 
@@ -217,9 +218,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_
   def step(masked):
     mask = None
     if masked:
-      mask = blocks.tile_mask(spec, blocks.row_positions(q_first, block_q),
-                              blocks.col_positions(j * block_k, block_k),
-                              _segments(qseg_ref), _segments(kvseg_ref))
+      mask = _tile_mask(spec, blocks.row_positions(q_first, block_q), j * block_k, block_k,
+                        qseg_ref, kvseg_ref)
     dq_acc[...] = blocks.dq_step(dq_acc[...], q_ref[...], k_ref[...], v_ref[...], do_ref[...],
                                  lse_ref[...], delta_ref[...], spec, mask)
 
@@ -310,8 +310,7 @@ def _decode_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, acc_out
     mask = None
     if masked:
       q_pos = offset + blocks.div(blocks.row_positions(r_first, block_r), groups)
-      mask = blocks.tile_mask(spec, q_pos, blocks.col_positions(j * block_k, block_k),
-                              _segments(qseg_ref), _segments(kvseg_ref))
+      mask = _tile_mask(spec, q_pos, j * block_k, block_k, qseg_ref, kvseg_ref)
     _store(scratch, blocks.softmax_step(_load(scratch), q_ref[...], k_ref[...], v_ref[...],
                                         spec, mask))
 
