@@ -467,3 +467,30 @@ def test_llama_cached_decoding_with_pallas_matches_full_forward():
       assert 'decode_attention' in str(jax.make_jaxpr(step)(*args))
     logits, cache = compiled[stop - start](*args)
     np.testing.assert_allclose(np.asarray(logits), want[:, start:stop], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('rules', ['fsdp_tp', 'dp'])
+def test_pallas_runs_per_shard_under_a_mesh(rules):
+  """Under jax.set_mesh (8 CPU devices) the dispatcher runs the kernels in a shard_map split
+  like the models' activations (batch, and heads for fsdp_tp), matching the reference."""
+  from flaxllm.parallel import mesh as mesh_lib
+  from flaxllm.parallel import rules as rules_lib
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 (fake) devices')
+  q, k, v, do = make_inputs(8, batch=4, seq_q=32, seq_kv=32, heads=8, kv_heads=2, head_dim=64,
+                            dtype=jnp.float32)
+  segs = packed_segments(4, 32, 2, seed=3)
+  mesh = mesh_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  kw = dict(causal=True, q_segment_ids=segs, kv_segment_ids=segs)
+  with jax.set_mesh(mesh), rules_lib.axis_rules(rules):
+    attn = lambda q, k, v: kernels.attention(q, k, v, impl='pallas', **kw)  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(attn)(q, k, v))
+    heads_split = "P(('data', 'fsdp'), None, 'tensor', None)" in jaxpr
+    assert 'shard_map' in jaxpr and heads_split == (rules == 'fsdp_tp')
+    got = out_and_grads(attn, q, k, v, do)
+    offset_out = run(lambda q, o: kernels.attention(q, k, v, causal=True, q_offset=o,
+                                                    impl='pallas'), q[:, :2], jnp.int32(5))
+  want = out_and_grads(lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v, do)
+  assert_close(got, want, jnp.float32, rules)
+  np.testing.assert_allclose(offset_out, reference_attention(q[:, :2], k, v, causal=True,
+                                                             q_offset=5), atol=1e-5, rtol=1e-5)

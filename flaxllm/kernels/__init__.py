@@ -6,13 +6,17 @@ shared by all kernels), `gpu` / `tpu` (the Pallas kernels of each backend), `fla
 """
 from __future__ import annotations
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from flaxllm.kernels.decode import decode_attention
 from flaxllm.kernels.flash import default_block_sizes, flash_attention
-from flaxllm.kernels.options import BlockSizes, SUPPORTED_DTYPES
+from flaxllm.kernels.options import BlockSizes, SUPPORTED_DTYPES, split_segment_ids
 from flaxllm.kernels.reference import attention_mask, reference_attention
 
 __all__ = ['BlockSizes', 'attention', 'attention_mask', 'decode_attention',
@@ -72,7 +76,8 @@ def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
   'cudnn')`, for masks it can express (no soft-cap, segment ids or q_offset). 'pallas':
   `flash_attention` when q_offset is a Python int, else `decode_attention` (a traced
   offset: decoding against a KV cache; forward only). 'auto': Pallas on GPU/TPU for
-  sequences of at least 256 keys and for decoding, else XLA (always XLA on CPU).
+  sequences of at least 256 keys and for decoding, else XLA (always XLA on CPU). Under a
+  multi-device `jax.set_mesh`, the Pallas kernels run per shard (`_per_shard`).
   """
   if impl not in IMPLS:
     raise ValueError(f'attention impl must be one of {IMPLS}, got {impl!r}.')
@@ -88,11 +93,56 @@ def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
                              softcap=softcap, sm_scale=sm_scale)
     return jax.nn.dot_product_attention(q, k, v, implementation='cudnn', **kwargs)
   if _static_offset(q_offset):
-    segments = None
-    if q_segment_ids is not None or kv_segment_ids is not None:
-      segments = (q_segment_ids, kv_segment_ids)
-    return flash_attention(q, k, v, causal=causal, segment_ids=segments, window=window,
-                           softcap=softcap, sm_scale=sm_scale, q_offset=int(q_offset))
-  return decode_attention(q, k, v, q_offset=jnp.asarray(q_offset), causal=causal,
-                          q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                          window=window, softcap=softcap, sm_scale=sm_scale)
+    def kernel(q, k, v, q_seg, kv_seg):
+      segments = None if q_seg is None and kv_seg is None else (q_seg, kv_seg)
+      return flash_attention(q, k, v, causal=causal, segment_ids=segments, window=window,
+                             softcap=softcap, sm_scale=sm_scale, q_offset=int(q_offset))
+    return _per_shard(kernel, q, k, v, q_segment_ids, kv_segment_ids)
+
+  def kernel(q, k, v, q_seg, kv_seg, offset):
+    return decode_attention(q, k, v, q_offset=offset, causal=causal, q_segment_ids=q_seg,
+                            kv_segment_ids=kv_seg, window=window, softcap=softcap,
+                            sm_scale=sm_scale)
+  return _per_shard(kernel, q, k, v, q_segment_ids, kv_segment_ids,
+                    jnp.asarray(q_offset, jnp.int32))
+
+
+def _mesh_axes(name, size, mesh):
+  """The mesh axes the models' logical axis `name` maps to, if they divide `size`."""
+  axes = nn.logical_to_mesh_axes((name,))[0]
+  if axes is None:
+    return None
+  shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return axes if size % shards == 0 else None
+
+
+def _per_shard(kernel, q, k, v, q_seg, kv_seg, *scalars):
+  """kernel(q, k, v, q_seg, kv_seg, *scalars), run per shard under a multi-device mesh.
+
+  XLA cannot partition a Pallas call, so under `jax.set_mesh` the kernel runs in a
+  `shard_map` over the batch and head axes, split as the models' logical axis rules
+  ('batch', 'heads', 'kv_heads'; see flaxllm.parallel.rules) split the activations.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(q, k, v, q_seg, kv_seg, *scalars)
+  if nn.logical_to_mesh_axes(('length',))[0] is not None:
+    raise ValueError("impl='pallas' does not support sequence-sharded activations; "
+                     "map the logical axis 'length' to no mesh axis.")
+  batch = _mesh_axes('batch', q.shape[0], mesh)
+  q_spec = P(batch, None, _mesh_axes('heads', q.shape[2], mesh), None)
+  kv_spec = P(batch, None, _mesh_axes('kv_heads', k.shape[2], mesh), None)
+  if (q_spec[2] is None) != (kv_spec[2] is None):  # keep each query head with its kv head
+    q_spec, kv_spec = P(batch, None, None, None), P(batch, None, None, None)
+  if (q_seg is None) != (kv_seg is None):
+    q_seg, kv_seg = split_segment_ids((q_seg, kv_seg), q, k)
+  segments = () if q_seg is None else (q_seg, kv_seg)
+
+  def per_shard(q, k, v, *rest):
+    segs, rest = rest[:len(segments)], rest[len(segments):]
+    return kernel(q, k, v, *(segs or (None, None)), *rest)
+
+  return jax.shard_map(
+      per_shard, in_specs=(q_spec, kv_spec, kv_spec, *[P(batch, None)] * len(segments),
+                           *[P()] * len(scalars)),
+      out_specs=q_spec, check_vma=False)(q, k, v, *segments, *scalars)
