@@ -82,9 +82,27 @@ def torch_model(cfg, params, attn_impl):
 
 
 def timed(fn):
-  start = time.perf_counter()
+  """(wall seconds, process CPU seconds: all threads) of one call."""
+  wall, cpu = time.perf_counter(), time.process_time()
   fn()
-  return time.perf_counter() - start
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def measure(flax_fn, torch_fn, reps, ntok):
+  """Alternating timed repetitions; medians, tokens/s and flaxllm/torch ratios."""
+  runs = {'flaxllm': [], 'torch': []}
+  for _ in range(reps):
+    runs['flaxllm'].append(timed(flax_fn))
+    runs['torch'].append(timed(torch_fn))
+  out = {}
+  for name, times in runs.items():
+    out[f'{name}_s'] = statistics.median(t[0] for t in times)
+    out[f'{name}_cpu_s'] = statistics.median(t[1] for t in times)
+    out[f'{name}_times_s'] = [round(t[0], 4) for t in times]
+    out[f'{name}_tok_s'] = ntok / out[f'{name}_s']
+  out['speedup'] = out['flaxllm_tok_s'] / out['torch_tok_s']
+  out['cpu_time_ratio'] = out['torch_cpu_s'] / out['flaxllm_cpu_s']
+  return out
 
 
 def machine_info():
@@ -106,6 +124,7 @@ def machine_info():
               jax=jax.__version__, flax=flax.__version__, torch=torch.__version__,
               transformers=transformers.__version__, python=platform.python_version(),
               jax_backend=jax.default_backend(), xla_flags=os.environ.get('XLA_FLAGS', ''),
+              omp_wait_policy=os.environ.get('OMP_WAIT_POLICY', ''),
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
 
 
@@ -129,8 +148,14 @@ def main(argv=None):
   p.add_argument('--cpus', type=int, default=None,
                  help='pin the process to the first N cpus and use N torch threads '
                       '(default: all cpus); XLA sizes its thread pool from the affinity')
+  p.add_argument('--omp-wait-policy', default='PASSIVE', choices=('PASSIVE', 'ACTIVE', ''),
+                 help="OMP_WAIT_POLICY for torch's OpenMP pool (if not already set). PASSIVE "
+                      'keeps torch from collapsing when other processes load the cpus (its '
+                      'spinning threads then wait on each other); "" = the OpenMP default')
   args = p.parse_args(argv)
   argv = sys.argv[1:] if argv is None else list(argv)
+  if args.omp_wait_policy and 'torch' not in sys.modules:
+    os.environ.setdefault('OMP_WAIT_POLICY', args.omp_wait_policy)
 
   if args.cpus:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cpus])
@@ -174,19 +199,12 @@ def main(argv=None):
     flax_forward()
     torch_forward()
   diff = float(np.max(np.abs(np.asarray(flax_forward()) - torch_forward().numpy())))
-  f_times, t_times = [], []
-  for _ in range(args.reps):
-    f_times.append(timed(flax_forward))
-    t_times.append(timed(torch_forward))
   ntok = args.batch * args.seq
-  forward = dict(batch=args.batch, seq=args.seq, tokens=ntok,
-                 flaxllm_s=statistics.median(f_times), torch_s=statistics.median(t_times),
-                 flaxllm_times_s=f_times, torch_times_s=t_times, max_abs_logit_diff=diff)
-  forward['flaxllm_tok_s'] = ntok / forward['flaxllm_s']
-  forward['torch_tok_s'] = ntok / forward['torch_s']
-  forward['speedup'] = forward['flaxllm_tok_s'] / forward['torch_tok_s']
+  forward = dict(batch=args.batch, seq=args.seq, tokens=ntok, max_abs_logit_diff=diff,
+                 **measure(flax_forward, torch_forward, args.reps, ntok))
   print(f"forward  flaxllm {forward['flaxllm_tok_s']:9.0f} tok/s  torch "
-        f"{forward['torch_tok_s']:9.0f} tok/s  ratio {forward['speedup']:.2f}x  "
+        f"{forward['torch_tok_s']:9.0f} tok/s  ratio {forward['speedup']:.2f}x  cpu-time ratio "
+        f"{forward['cpu_time_ratio']:.2f}x  "
         f"(max |logit diff| {diff:.1e})", flush=True)
 
   # ---------------------------------------------------------------- decode
@@ -213,20 +231,13 @@ def main(argv=None):
   f_out, t_out = np.asarray(flax_decode()), torch_decode().numpy()
   assert f_out.shape == t_out.shape == (args.batch, args.new), (f_out.shape, t_out.shape)
   agree = float(np.mean(np.cumprod(f_out == t_out, axis=1)))  # common greedy prefix fraction
-  f_times, t_times = [], []
-  for _ in range(args.reps):
-    f_times.append(timed(flax_decode))
-    t_times.append(timed(torch_decode))
   ntok = args.batch * args.new
   decode = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new, tokens=ntok,
-                flaxllm_s=statistics.median(f_times), torch_s=statistics.median(t_times),
-                flaxllm_times_s=f_times, torch_times_s=t_times,
-                greedy_prefix_agreement=agree)
-  decode['flaxllm_tok_s'] = ntok / decode['flaxllm_s']
-  decode['torch_tok_s'] = ntok / decode['torch_s']
-  decode['speedup'] = decode['flaxllm_tok_s'] / decode['torch_tok_s']
+                greedy_prefix_agreement=agree,
+                **measure(flax_decode, torch_decode, args.reps, ntok))
   print(f"decode   flaxllm {decode['flaxllm_tok_s']:9.0f} tok/s  torch "
-        f"{decode['torch_tok_s']:9.0f} tok/s  ratio {decode['speedup']:.2f}x  "
+        f"{decode['torch_tok_s']:9.0f} tok/s  ratio {decode['speedup']:.2f}x  cpu-time ratio "
+        f"{decode['cpu_time_ratio']:.2f}x  "
         f"(greedy tokens agreeing: {agree:.0%})", flush=True)
 
   result = dict(benchmark='model_speed', device='cpu', machine=info,
@@ -263,7 +274,8 @@ def markdown(r):
       f"{m['torch_threads']}; 1-min load average {m['load_avg_1min_before']:.1f} before, "
       f"{m['load_avg_1min_after']:.1f} after, other processes included); jax "
       f"{m['jax']}, flax {m['flax']}, torch {m['torch']}, transformers {m['transformers']}; "
-      f"{m['date']}. XLA_FLAGS={m['xla_flags'] or '(none)'}.",
+      f"{m['date']}. XLA_FLAGS={m['xla_flags'] or '(none)'}; "
+      f"OMP_WAIT_POLICY={m['omp_wait_policy'] or '(default)'}.",
       f"Median of {r['reps']} repetitions after {r['warmup']} warm-up runs, the two frameworks "
       'timed alternately in one process.',
       '',
@@ -274,6 +286,9 @@ def markdown(r):
       f"| greedy decode, KV cache | batch {d['batch']}, prompt {d['prompt']}, "
       f"{d['new_tokens']} new | {d['flaxllm_tok_s']:.0f} | {d['torch_tok_s']:.0f} | "
       f"{d['speedup']:.2f}x |",
+      '',
+      f"Process CPU time (all threads; less sensitive to other load), torch / flaxllm: "
+      f"forward {f['cpu_time_ratio']:.2f}x, decode {d['cpu_time_ratio']:.2f}x.",
       '',
       f"Checks: max |logit difference| {f['max_abs_logit_diff']:.1e}; greedy tokens agreeing "
       f"(common prefix) {d['greedy_prefix_agreement']:.0%}.",
