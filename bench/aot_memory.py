@@ -29,7 +29,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GiB = 1 << 30
-TPU_TOPOLOGIES = {8: 'v5e:2x4', 16: 'v5e:4x4', 64: 'v5e:8x8'}   # v5litepod-8/16/64, 16 GiB HBM
+TPU_TOPOLOGIES = {
+    'v5e': {8: 'v5e:2x4', 16: 'v5e:4x4', 64: 'v5e:8x8'},       # v5litepod-8/16/64, 16 GiB HBM
+    'v5p': {8: 'v5p:2x2x2', 16: 'v5p:2x2x4', 64: 'v5p:4x4x4'},  # 95 GiB HBM per chip
+}
 MODEL_SETS = ['scan_layers=true', 'remat=full', 'dtype=bfloat16']
 SEQ = 2048
 
@@ -65,7 +68,8 @@ def analytic(n: int, seq: int = SEQ, per_device_batch: int = 1) -> dict:
   return {k: int(v) for k, v in parts.items()}
 
 
-def compile_one(target: str, n: int, libtpu_path: str | None, timeout: float) -> dict:
+def compile_one(target: str, n: int, libtpu_path: str | None, timeout: float,
+                tpu_kind: str = 'v5e') -> dict:
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), libtpu_path,
                                                     env.get('PYTHONPATH')]))
@@ -74,7 +78,7 @@ def compile_one(target: str, n: int, libtpu_path: str | None, timeout: float) ->
     env['JAX_PLATFORMS'] = 'cpu'
     tgt = 'cpu'
   else:
-    tgt = f'tpu:{TPU_TOPOLOGIES[n]}'
+    tgt = f'tpu:{TPU_TOPOLOGIES[tpu_kind][n]}'
     env.setdefault('TPU_ACCELERATOR_TYPE', 'v5litepod-8')  # silences libtpu's host probing
     env.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   cmd = [sys.executable, '-m', 'flaxllm.parallel.aot', '--model=llama3_8b', '--fsdp=-1',
@@ -131,6 +135,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   ap.add_argument('--target', choices=['cpu', 'tpu'], default='cpu')
   ap.add_argument('--devices', default='8,16,64')
+  ap.add_argument('--tpu-kind', choices=sorted(TPU_TOPOLOGIES), default='v5e')
   ap.add_argument('--libtpu-path', default=os.environ.get('FLAXLLM_LIBTPU_PATH'))
   ap.add_argument('--timeout', type=float, default=3600)
   ap.add_argument('--out', default=str(ROOT / 'bench' / 'results'))
@@ -144,11 +149,15 @@ def main(argv=None) -> int:
             'SPMD partitioning is the same as on an accelerator, but buffer assignment, fusion '
             'and the bf16 handling are the CPU compiler\'s, so temporaries differ from TPU/GPU.')
   results = []
-  stem = pathlib.Path(args.out) / f'aot_memory_{args.target}'
+  name = args.target if args.target == 'cpu' or args.tpu_kind == 'v5e' else f'tpu_{args.tpu_kind}'
+  stem = pathlib.Path(args.out) / f'aot_memory_{name}'
+  if args.target == 'tpu' and args.tpu_kind != 'v5e':
+    note = note.replace('v5e topologies (v5litepod-8/16/64, 16 GiB HBM per chip)',
+                        f'{args.tpu_kind} topologies {list(TPU_TOPOLOGIES[args.tpu_kind].values())}')
   for n in [int(x) for x in args.devices.split(',')]:
     print(f'[aot_memory] {args.target}: {n} devices ...', flush=True)
     try:
-      r = compile_one(args.target, n, args.libtpu_path, args.timeout)
+      r = compile_one(args.target, n, args.libtpu_path, args.timeout, args.tpu_kind)
     except subprocess.TimeoutExpired:
       r = {'num_devices': n, 'error': f'compile did not finish within {args.timeout:g} s'}
     r['analytic'] = analytic(n)

@@ -287,6 +287,24 @@ def test_create_sharded_with_boxed_params():
   assert k.addressable_shards[0].data.shape == (2, 32, 1, 16)
 
 
+def test_step_shards_activations():
+  """The jitted step carries the models' activation constraints (not dropped for lack of a
+  mesh context): e.g. [batch, length, heads, head_dim] over (('data', 'fsdp'), -, 'tensor')."""
+  import jax.numpy as jnp
+  from flaxllm.parallel import reference_step as rs
+  model = models.build(tiny())
+  mesh = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  tx = rs.make_optimizer()
+  state, sh = parallel.abstract_state(rs.make_init(model, tx), mesh, 'fsdp_tp',
+                                      jax.random.key(0), param_specs=parallel.param_specs(model))
+  tokens = jax.ShapeDtypeStruct((8, 17), jnp.int32,
+                                sharding=parallel.batch_sharding(mesh, 'fsdp_tp'))
+  text = rs.jit_train_step(model, tx, mesh, 'fsdp_tp', sh).lower(state, {'tokens': tokens}).as_text()
+  constraints = [l for l in text.splitlines() if 'sharding_constraint' in l]
+  assert len(constraints) >= 10
+  assert any('{"data", "fsdp"}, {}, {"tensor"}, {}' in l for l in constraints)
+
+
 def test_shard_batch_and_local_rows():
   mesh = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   assert parallel.local_batch_slice(8, mesh) == slice(0, 8)  # one process loads everything

@@ -1,5 +1,5 @@
 """Scale-out: device meshes, logical-axis sharding rules, sharded state, multi-host start-up,
-ahead-of-time memory checks. See `flaxllm/parallel/README.md`-style docs in each module.
+ahead-of-time memory checks (`flaxllm.parallel.aot`). Each module's docstring explains it.
 
     mesh = parallel.make_mesh(cfg.mesh)                       # data x fsdp x tensor
     rules = parallel.get_rules(cfg.parallel.rules)            # 'fsdp' | 'dp' | 'fsdp_tp'
@@ -13,10 +13,11 @@ from flaxllm.parallel.rules import (PRESETS, ShardingError, axis_rules, batch_sh
                                     param_shardings, param_specs, validate)
 from flaxllm.parallel.sharding import (abstract_state, create_sharded, local_batch_slice,
                                        shard_batch, sharding_context, state_shardings,
+                                       step_context,
                                        state_specs, with_shardings)
 
 __all__ = ['AXES', 'MeshError', 'describe_mesh', 'make_mesh', 'mesh_shape', 'PRESETS',
            'ShardingError', 'axis_rules', 'batch_sharding', 'check_batch', 'check_mesh',
            'get_rules', 'logical_to_sharding', 'param_shardings', 'param_specs', 'validate',
            'abstract_state', 'create_sharded', 'local_batch_slice', 'shard_batch',
-           'sharding_context', 'state_shardings', 'state_specs', 'with_shardings']
+           'sharding_context', 'state_shardings', 'step_context', 'state_specs', 'with_shardings']

@@ -129,7 +129,17 @@ def compile_aot(fn: Callable, *abstract_args, in_shardings=None, out_shardings=N
     fn = jax.jit(fn, donate_argnums=tuple(donate_argnums), **kw)
   import contextlib
   with context or contextlib.nullcontext():
-    return fn.lower(*abstract_args).compile()
+    lowered = fn.lower(*abstract_args)
+    try:
+      return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs over HBM
+      text = str(e)
+      if 'RESOURCE_EXHAUSTED' not in text:
+        raise
+      detail = text.split('RESOURCE_EXHAUSTED:', 1)[1].strip().splitlines()[0].rstrip('.')
+      raise MemoryBudgetError(
+          f'the step does not fit in device memory ({detail[:300]}); shard over more devices '
+          '(mesh.fsdp), enable model.remat, or lower the per-device batch.') from None
 
 
 def _cost(compiled) -> dict:

@@ -58,7 +58,7 @@ def jit_train_step(model, tx, mesh, rules, state_shardings, donate: bool = True)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def wrapped(state, batch):
-    with rules_lib.axis_rules(rules):  # activation constraints see the rules while tracing
+    with sharding_lib.step_context(mesh, rules):  # activation constraints while tracing
       return step(state, batch)
 
   return jax.jit(wrapped, in_shardings=(state_shardings, batch_sh),

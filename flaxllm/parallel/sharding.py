@@ -30,6 +30,15 @@ def sharding_context(mesh: Mesh, rules=None):
     yield
 
 
+@contextlib.contextmanager
+def step_context(mesh: Mesh, rules=None):
+  """For use *inside* a jitted step (where `jax.set_mesh` is not allowed): makes the mesh and
+  `rules` visible to Linen's `with_logical_constraint`, so activations are sharded too.
+  Without it (and outside `sharding_context`) the models' activation annotations are no-ops."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), rules_lib.axis_rules(rules):
+    yield
+
+
 def _is_box(x) -> bool:
   return isinstance(x, nn.meta.AxisMetadata)
 
