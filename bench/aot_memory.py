@@ -81,6 +81,7 @@ def compile_one(target: str, n: int, libtpu_path: str | None, timeout: float,
     tgt = f'tpu:{TPU_TOPOLOGIES[tpu_kind][n]}'
     env.setdefault('TPU_ACCELERATOR_TYPE', 'v5litepod-8')  # silences libtpu's host probing
     env.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+    env.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # several compiles may share the host
   cmd = [sys.executable, '-m', 'flaxllm.parallel.aot', '--model=llama3_8b', '--fsdp=-1',
          '--rules=fsdp', f'--batch={n}', f'--seq={SEQ}', f'--target={tgt}', '--json']
   cmd += [f'--set={s}' for s in MODEL_SETS]
