@@ -407,13 +407,14 @@ def test_llama_training_losses_with_pallas_equal_xla():
   """Tiny LLaMA (GQA, packed documents): 3 SGD steps give the same losses and grads."""
   from flaxllm import models
 
+  xla_cfg = models.presets.get('tiny_llama', attention_impl='xla')
+  init = models.init_params(models.build(xla_cfg), jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, xla_cfg.vocab_size)
+  segs = jnp.asarray(packed_segments(2, 48, 3, seed=2)) + 1
+
   def train(impl):
-    cfg = models.presets.get('tiny_llama', attention_impl=impl)
-    model = models.build(cfg)
-    params = models.init_params(models.build(dataclasses.replace(cfg, attention_impl='xla')),
-                                jax.random.key(0))
-    tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, cfg.vocab_size)
-    segs = jnp.asarray(packed_segments(2, 48, 3, seed=2)) + 1
+    model = models.build(dataclasses.replace(xla_cfg, attention_impl=impl))
+    params = init
 
     def loss_fn(params):
       logits = model.apply({'params': params}, tokens[:, :-1], segment_ids=segs[:, :-1])

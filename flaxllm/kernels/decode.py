@@ -76,11 +76,9 @@ def decode_attention(q, k, v, *, q_offset, causal=True, q_segment_ids=None,
     kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, pad_kv - seq_kv)))
     kv_seg = kv_seg[:, None, :]
 
-  spec = blocks.Spec(sm_scale=options.default_scale(head_dim, sm_scale), causal=bool(causal),
-                     window=window, softcap=None if softcap is None else float(softcap),
-                     segments=q_seg is not None,
-                     kv_len=seq_kv if pad_kv != seq_kv else None,
-                     exact=q.dtype == jnp.float32)
+  spec = options.make_spec(q.dtype, head_dim, causal=causal, window=window, softcap=softcap,
+                           sm_scale=sm_scale, segments=q_seg is not None,
+                           kv_len=seq_kv if pad_kv != seq_kv else None)
   offset = jnp.asarray(q_offset, jnp.int32).reshape(1)
   acc, m, l = kernels.decode_partials(
       offset, qp, k, v, q_seg, kv_seg, spec=spec, groups=groups, num_rows=rows,

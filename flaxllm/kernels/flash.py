@@ -104,11 +104,9 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, window=None, sof
   pad_q = options.round_up(seq_q, sizes.q_multiple)
   pad_kv = options.round_up(seq_kv, sizes.kv_multiple)
   pad_d = kernels.padded_head_dim(head_dim)
-  spec = blocks.Spec(sm_scale=options.default_scale(head_dim, sm_scale), causal=bool(causal),
-                     window=window, softcap=None if softcap is None else float(softcap),
-                     segments=q_seg is not None,
-                     kv_len=seq_kv if pad_kv != seq_kv else None,
-                     exact=q.dtype == jnp.float32)
+  spec = options.make_spec(q.dtype, head_dim, causal=causal, window=window, softcap=softcap,
+                           sm_scale=sm_scale, segments=q_seg is not None,
+                           kv_len=seq_kv if pad_kv != seq_kv else None)
   call = _Call(spec, q_offset, sizes, backend, interpret)
 
   q = _pad(_pad(q, 1, pad_q), 3, pad_d)

@@ -5,6 +5,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from flaxllm.kernels import blocks
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 BACKENDS = ('gpu', 'tpu')
@@ -135,7 +138,7 @@ def check_inputs(q, k, v, q_seg=None, kv_seg=None, *, window=None, softcap=None,
                        f'{getattr(seg, "shape", None)}.')
     if not jnp.issubdtype(seg.dtype, jnp.integer):
       raise ValueError(f'{name} must be integers, got {seg.dtype}.')
-  if window is not None and (not isinstance(window, int) or window < 1):
+  if window is not None and (not isinstance(window, (int, np.integer)) or window < 1):
     raise ValueError(f'window must be a positive int or None, got {window!r}.')
   if softcap is not None and not softcap > 0:
     raise ValueError(f'softcap must be positive or None, got {softcap!r}.')
@@ -143,5 +146,9 @@ def check_inputs(q, k, v, q_seg=None, kv_seg=None, *, window=None, softcap=None,
     raise ValueError(f'sm_scale must be a Python number or None, got {type(sm_scale).__name__}.')
 
 
-def default_scale(head_dim, sm_scale):
-  return float(head_dim ** -0.5 if sm_scale is None else sm_scale)
+def make_spec(dtype, head_dim, *, causal, window, softcap, sm_scale, segments, kv_len):
+  """The static `blocks.Spec` of a checked call (sm_scale defaults to 1/sqrt(head_dim))."""
+  return blocks.Spec(sm_scale=float(head_dim ** -0.5 if sm_scale is None else sm_scale),
+                     causal=bool(causal), window=None if window is None else int(window),
+                     softcap=None if softcap is None else float(softcap), segments=segments,
+                     kv_len=kv_len, exact=jnp.dtype(dtype) == jnp.float32)
