@@ -30,6 +30,15 @@ def _quiet_logs():
     pass
 
 
+def _enable_compilation_cache():
+  """Re-runs and resumes skip XLA compilation: JAX's persistent cache, in
+  $JAX_COMPILATION_CACHE_DIR if set, else <flaxllm cache>/jax."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if not jax.config.jax_compilation_cache_dir:
+    from flaxllm.data.corpus import cache_dir  # pylint: disable=import-outside-toplevel
+    jax.config.update('jax_compilation_cache_dir', os.path.join(cache_dir(), 'jax'))
+
+
 def _run(fn, *args) -> int:
   from flaxllm.train.trainer import TrainError  # pylint: disable=import-outside-toplevel
   try:
@@ -85,6 +94,7 @@ def _train(argv) -> int:
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of `flaxllm train`."""
   _quiet_logs()
+  _enable_compilation_cache()
   return _run(_train, list(sys.argv[1:] if argv is None else argv))
 
 
@@ -92,14 +102,13 @@ def evaluate_workdir(workdir: str, step: Optional[int] = None,
                      batches: Optional[int] = None) -> dict:
   """Validation loss/perplexity of a run's checkpoint (the newest by default)."""
   from flaxllm.data import pipeline  # pylint: disable=import-outside-toplevel
-  from flaxllm import models  # pylint: disable=import-outside-toplevel
-  from flaxllm.train import checkpoint as ckpt_lib, step as step_lib  # pylint: disable=import-outside-toplevel
+  from flaxllm.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from flaxllm.train import trainer  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(workdir)
   config = config_for(None, workdir, ())
   tokenizer = trainer.workdir_tokenizer(workdir, config)
-  model_cfg, _, _, _, abstract_state = trainer.build_model_and_optimizer(config)
+  programs = trainer.build_programs(config)
   checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_ckpts)
   steps = checkpoints.steps()
   if not steps:
@@ -108,15 +117,14 @@ def evaluate_workdir(workdir: str, step: Optional[int] = None,
   step = steps[-1] if step is None else step
   if step not in steps:
     raise ConfigError(f'{workdir} has no checkpoint at step {step}; use one of {steps}.')
-  state, _ = checkpoints.restore(step, abstract_state)
+  state, _ = checkpoints.restore(step, programs.abstract_state)
   checkpoints.close()
   val_iter = pipeline.make_iterator(config.data, tokenizer, split='validation',
                                     seq_len=config.seq_len,
                                     batch_size=config.batch_size // jax.process_count(),
                                     seed=config.seed, process_index=jax.process_index(),
                                     process_count=jax.process_count())
-  eval_step = jax.jit(step_lib.make_eval_step(models.build(model_cfg)))
-  result = trainer.evaluate(eval_step, state.params, val_iter, val_iter.get_state(),
+  result = trainer.evaluate(programs.eval_step, state.params, val_iter, val_iter.get_state(),
                             batches or config.eval_batches)
   val_iter.close()
   return {'step': step, **result}
@@ -140,4 +148,5 @@ def _eval(argv) -> int:
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of `flaxllm eval`."""
   _quiet_logs()
+  _enable_compilation_cache()
   return _run(_eval, list(sys.argv[1:] if argv is None else argv))

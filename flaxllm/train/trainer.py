@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -104,21 +104,49 @@ def stored_config(workdir: str):
     return config_lib.from_json(f.read())
 
 
-def build_model_and_optimizer(config):
-  """(ModelConfig, train module, optax transformation, schedule, abstract TrainState)."""
-  model_cfg = models.ModelConfig.from_dict(config.model)
+class Programs(NamedTuple):
+  """What a config compiles to: the model, the optimizer and the jitted functions."""
+  model_cfg: models.ModelConfig
+  tx: Any                    # optax.GradientTransformation
+  abstract_state: Any        # TrainState of ShapeDtypeStructs (with shardings)
+  init: Callable             # rng -> TrainState
+  train_step: Callable       # (state, batch) -> (state, metrics); state is donated
+  eval_step: Callable        # (params, batch) -> {'ce', 'tokens'}
+
+
+# Keys of the config that the programs depend on (besides config.model).
+_PROGRAM_KEYS = ('optim', 'schedule', 'total_steps', 'z_loss', 'skip_nonfinite_steps')
+
+
+def build_programs(config) -> Programs:
+  """The Programs of `config`; the same settings in one process reuse the compiled functions
+  (tests, notebooks and sweeps call train() repeatedly)."""
+  key = json.dumps({k: config[k].to_dict() if hasattr(config[k], 'to_dict') else config[k]
+                    for k in _PROGRAM_KEYS}, sort_keys=True, default=list)
+  return _build_programs(models.ModelConfig.from_dict(config.model), key)
+
+
+@functools.lru_cache(maxsize=8)
+def _build_programs(model_cfg: models.ModelConfig, key: str) -> Programs:
+  config = config_lib.ConfigDict(json.loads(key))
   model = models.build(model_cfg, deterministic=model_cfg.dropout == 0)
   abstract_params = jax.eval_shape(functools.partial(step_lib.init_params, model),
                                    jax.random.PRNGKey(0))
   tx = optim.make_optimizer(config, abstract_params)
   schedule = optim.schedule_from_config(config)
-  # Unsharded for now; a mesh (later) only changes `sharding` here and in_shardings below.
+  init = functools.partial(step_lib.init_state, model, tx)
+  # Unsharded for now: a mesh (later) only changes these shardings and adds in_shardings.
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.eval_shape(functools.partial(step_lib.init_state, model, tx),
-                            jax.random.PRNGKey(0))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          abstract)
-  return model_cfg, model, tx, schedule, abstract
+                          jax.eval_shape(init, jax.random.PRNGKey(0)))
+  train_step = step_lib.make_train_step(
+      model, tx, schedule, accum_steps=config.optim.accum_steps, z_loss=config.z_loss,
+      skip_nonfinite=config.skip_nonfinite_steps, use_dropout=model_cfg.dropout > 0)
+  return Programs(
+      model_cfg=model_cfg, tx=tx, abstract_state=abstract,
+      init=jax.jit(init, out_shardings=jax.tree.map(lambda x: x.sharding, abstract)),
+      train_step=jax.jit(train_step, donate_argnums=(0,)),
+      eval_step=jax.jit(step_lib.make_eval_step(models.build(model_cfg))))
 
 
 @jax.jit
@@ -227,29 +255,21 @@ def train(config, workdir: str) -> dict:
     raise ConfigError(str(e)) from e
 
   # ---- 3. Model, optimizer, steps -------------------------------------------------------
-  model_cfg, model, tx, schedule, abstract_state = build_model_and_optimizer(config)
-  train_step = jax.jit(
-      step_lib.make_train_step(model, tx, schedule, accum_steps=config.optim.accum_steps,
-                               z_loss=config.z_loss,
-                               skip_nonfinite=config.skip_nonfinite_steps,
-                               use_dropout=model_cfg.dropout > 0),
-      donate_argnums=(0,))
-  eval_step = jax.jit(step_lib.make_eval_step(models.build(model_cfg)))
+  programs = build_programs(config)
+  model_cfg, train_step, eval_step = programs.model_cfg, programs.train_step, programs.eval_step
 
   # ---- 4. State: resume from the workdir, or initialise -----------------------------------
   checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_ckpts)
-  restored = checkpoints.restore_latest(abstract_state)
+  restored = checkpoints.restore_latest(programs.abstract_state)
   if restored is not None:
     start_step, state, data_state = restored
     print(f'Resuming {workdir} from step {start_step}.', flush=True)
   else:
     start_step, data_state = 0, None
-    state = jax.jit(functools.partial(step_lib.init_state, model, tx),
-                    out_shardings=jax.tree.map(lambda x: x.sharding, abstract_state))(
-                        jax.random.PRNGKey(config.seed))
+    state = programs.init(jax.random.PRNGKey(config.seed))
     if config.init_from:
-      params = load_init_params(config.init_from, abstract_state.params)
-      state = state.replace(params=params, opt_state=jax.jit(tx.init)(params))
+      params = load_init_params(config.init_from, programs.abstract_state.params)
+      state = state.replace(params=params, opt_state=jax.jit(programs.tx.init)(params))
   if is_main:
     metrics_lib.rewind_metrics(workdir, start_step)
 
