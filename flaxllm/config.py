@@ -76,6 +76,7 @@ def base_config() -> ConfigDict:
   c.data.train_split = 'train'     # tfds split names
   c.data.validation_split = 'validation'
   c.data.text_key = 'text'
+  c.data.format = 'text'           # how a record becomes a document (data.DOCUMENT_FORMATS)
   c.data.val_fraction = 0.02       # stdlib/text: share of files held out for validation
   c.data.max_files = 0             # 0 = no limit
   c.data.max_bytes = 0
