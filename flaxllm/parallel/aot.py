@@ -154,7 +154,12 @@ def _cost(compiled) -> dict:
 
 def analyze(compiled, target: str = '', num_devices: int = 0, compile_s: float | None = None
             ) -> MemoryReport:
-  """MemoryReport from `compiled.memory_analysis()` and `compiled.cost_analysis()`."""
+  """MemoryReport from `compiled.memory_analysis()` and `compiled.cost_analysis()`.
+
+  Note: XLA's FLOP count covers the body of a while loop once, so with scan_layers=True it
+  counts one layer, not all of them (checked: a scanned 8-layer model reports the FLOPs of
+  the unrolled 2-layer one); use `flaxllm.models.flops_per_token` for model FLOPs.
+  """
   mem = compiled.memory_analysis()
   cost = _cost(compiled)
   return MemoryReport(
