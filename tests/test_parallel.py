@@ -287,6 +287,30 @@ def test_create_sharded_with_boxed_params():
   assert k.addressable_shards[0].data.shape == (2, 32, 1, 16)
 
 
+def test_optimizer_state_follows_params_through_optax_wrappers():
+  """mu / nu inside chain + masked (norm scales masked out) get their param's sharding; the
+  step counter, counts and rng stay replicated. Abstract only: nothing is compiled."""
+  import optax
+  from flaxllm.parallel import reference_step as rs
+  model = models.build(tiny())
+  mesh = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  specs = parallel.param_specs(model)
+  mask = jax.tree.map(lambda s: len(s) > 1, specs, is_leaf=lambda x: isinstance(x, P))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.masked(optax.adamw(1e-3), mask))
+
+  def init(rng):
+    state = rs.make_init(model, tx)(rng)
+    return {**state, 'rng': jax.random.key_data(rng)}
+
+  _, sh = parallel.abstract_state(init, mesh, 'fsdp_tp', jax.random.key(0), param_specs=specs)
+  inner = sh['opt_state'][1].inner_state[0]
+  q = ('decoder', 'layers_1', 'attn', 'q_proj', 'kernel')
+  get = lambda tree: __import__('functools').reduce(lambda t, k: t[k], q, tree)
+  assert get(inner.mu).spec == get(inner.nu).spec == P('fsdp', 'tensor', None)
+  assert get(sh['params']).spec == P('fsdp', 'tensor', None)
+  assert inner.count.spec == P() and sh['step'].spec == P() and sh['rng'].spec == P()
+
+
 def test_step_shards_activations():
   """The jitted step carries the models' activation constraints (not dropped for lack of a
   mesh context): e.g. [batch, length, heads, head_dim] over (('data', 'fsdp'), -, 'tensor')."""

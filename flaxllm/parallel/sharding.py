@@ -53,38 +53,42 @@ def unbox(tree: Any) -> Any:
                       is_leaf=_is_box)
 
 
+def _key_str(k) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
 def state_specs(abstract_state: Any, param_specs: Any = None) -> Any:
   """Logical PartitionSpecs for every leaf of `abstract_state` (boxes removed).
 
   * a leaf boxed with logical names (`nn.Partitioned`, `nn.LogicallyPartitioned`): its names;
-  * a subtree with the structure and shapes of the params (given by `param_specs`): the param
-    specs -- this covers params, gradients and optax's per-parameter state (AdamW mu / nu,
-    also inside `optax.chain`, `MultiSteps`, ...);
-  * anything else (step counters, scalars, factored statistics): replicated, P().
+  * a leaf whose key path *ends with* a parameter's path (given by `param_specs`) and whose
+    rank matches it: that parameter's spec -- this covers the params, gradients and optax's
+    per-parameter state (AdamW mu / nu, inside `optax.chain`, `masked`, `MultiSteps`, ...);
+  * anything else (step counters, rng keys, scalars, factored statistics): replicated, P().
   """
   boxed_specs = jax.tree.map(
       lambda x: x.get_partition_spec() if _is_box(x) else P(), abstract_state, is_leaf=_is_box)
-  unboxed = unbox(abstract_state)
   if param_specs is None:
     return boxed_specs
-  p_leaves, p_def = jax.tree.flatten(param_specs, is_leaf=_is_spec)
-  n = len(p_leaves)
-  p_ranks = [len(s) for s in p_leaves]
+  by_path = {tuple(_key_str(k) for k in path): spec for path, spec in
+             jax.tree_util.tree_flatten_with_path(param_specs, is_leaf=_is_spec)[0]}
+  lengths = sorted({len(p) for p in by_path}, reverse=True)
 
-  def param_like(x) -> bool:
-    if x is None or hasattr(x, 'shape'):
-      return False
-    leaves, treedef = jax.tree.flatten(x)
-    if len(leaves) != n or treedef != p_def:
-      return False
-    return all(hasattr(l, 'shape') and (len(l.shape) == r or r == 0)
-               for l, r in zip(leaves, p_ranks))
+  def match(path, leaf):
+    keys = tuple(_key_str(k) for k in path)
+    for n in lengths:
+      spec = by_path.get(keys[-n:]) if len(keys) >= n else None
+      if spec is not None and len(getattr(leaf, 'shape', ())) == len(spec):
+        return spec
+    return P()
 
-  matched = jax.tree.map(lambda x: param_specs if param_like(x) else P(), unboxed,
-                         is_leaf=param_like)
-  # Same structure as `boxed_specs` once the param subtrees are expanded.
-  matched_leaves = jax.tree.leaves(matched, is_leaf=_is_spec)
+  unboxed = unbox(abstract_state)
+  matched = jax.tree_util.tree_map_with_path(match, unboxed)
   boxed_leaves, out_def = jax.tree.flatten(boxed_specs, is_leaf=_is_spec)
+  matched_leaves = jax.tree.leaves(matched, is_leaf=_is_spec)
   leaves = [b if len(b) else m for b, m in zip(boxed_leaves, matched_leaves)]
   return jax.tree.unflatten(out_def, leaves)
 
