@@ -264,31 +264,16 @@ def generate(model_or_config: Any, params, prompts: Sequence[Sequence[int]], *,
 # ----------------------------------------------------------------------------- CLI
 
 def _load_model(path: str):
-  """(ModelConfig, params) from a flaxllm model directory (model_config.json + params) or a
-  Hugging Face model directory, via `flaxllm.interop.hf` (imported lazily)."""
-  from flaxllm.interop import hf  # pylint: disable=import-outside-toplevel
+  """(ModelConfig, params) from a flaxllm model directory (model_config.json + params/, via
+  `flaxllm.interop.load_flaxllm`) or a Hugging Face model directory (config.json +
+  safetensors, via `flaxllm.interop.hf.load`); imported lazily."""
+  from flaxllm import interop  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'--model={path!r} is not a directory.')
   if os.path.exists(os.path.join(path, 'model_config.json')):
-    loaded = hf.load_flaxllm(path)
+    cfg, params = interop.load_flaxllm(path)
   else:
-    loaded = hf.load(path)
-  return _config_and_params(loaded)
-
-
-def _config_and_params(loaded):
-  """Accepts what the loaders return: a (config, params) pair, or an object / dict with
-  config and params fields."""
-  if isinstance(loaded, dict):
-    cfg = loaded.get('config', loaded.get('model_config'))
-    params = loaded.get('params')
-  elif isinstance(loaded, tuple):
-    cfg, params = loaded[0], loaded[1]
-  else:
-    cfg = getattr(loaded, 'config', None) or getattr(loaded, 'model_config', None)
-    params = getattr(loaded, 'params', None)
-  if cfg is None or params is None:
-    raise TypeError(f'cannot read a (config, params) pair from {type(loaded).__name__}.')
-  if isinstance(params, dict) and 'params' in params and len(params) == 1:
-    params = params['params']
+    cfg, params = interop.hf.load(path)
   return ModelConfig.from_dict(cfg), params
 
 

@@ -233,10 +233,11 @@ def test_stop_tokens(llama):
   refs = [reference_greedy(full, params, p, steps)[0] for p in PROMPTS]
   stop = refs[0][2]                                  # row 0 stops at its third token
   expected = [ref[:ref.index(stop) + 1] if stop in ref else ref for ref in refs]
-  assert G.generate(cfg, params, PROMPTS, max_new_tokens=steps, stop_tokens={stop}) == expected
+  pad = 255
+  assert G.generate(cfg, params, PROMPTS, max_new_tokens=steps, stop_tokens={stop}, pad_id=pad,
+                    pad_to_multiple=1) == expected
 
   # Raw arrays: finished rows emit pad after the stop token; lengths exclude the padding.
-  pad = 255
   tokens, mask = G.left_pad(PROMPTS, pad_id=pad)
   out = G.generate_tokens(G.decode_model(cfg), params, jnp.asarray(tokens), jnp.asarray(mask),
                           max_new_tokens=steps, stop_tokens=(stop,), pad_id=pad)
@@ -257,17 +258,21 @@ def test_stop_tokens(llama):
 
 # ----------------------------------------------------------------------------- CLI
 
-def test_generate_main_with_prompt_ids(llama, monkeypatch, capsys):
+def test_generate_main_hf_directory_prompt_ids(llama, capsys, tmp_path):
+  """The CLI on a Hugging Face directory written by flaxllm.interop.hf.save."""
+  interop = pytest.importorskip('flaxllm.interop')
   cfg, full, params = llama
-  monkeypatch.setattr(G, '_load_model', lambda path: (cfg, params))
-  G.generate_main(['--model', 'unused', '--prompt-ids', '5,17,42', '--prompt-ids', '11 200',
-                   '--max-new-tokens', '4'])
+  interop.hf.save(cfg, params, str(tmp_path / 'hf'))
+  G.generate_main(['--model', str(tmp_path / 'hf'), '--prompt-ids', '5,17,42',
+                   '--prompt-ids', '11 200', '--max-new-tokens', '4'])
   lines = capsys.readouterr().out.strip().splitlines()
   expected = [reference_greedy(full, params, p, 4)[0] for p in ([5, 17, 42], [11, 200])]
   assert [list(map(int, line.split(','))) for line in lines] == expected
 
 
-def test_generate_main_with_sentencepiece(llama, monkeypatch, capsys, tmp_path):
+def test_generate_main_flaxllm_directory_sentencepiece(llama, capsys, tmp_path):
+  """The CLI on a flaxllm directory (save_flaxllm) with a sentencepiece tokenizer."""
+  interop = pytest.importorskip('flaxllm.interop')
   spm = pytest.importorskip('sentencepiece')
   text = ['the quick brown fox jumps over the lazy dog', 'a stitch in time saves nine',
           'all that glitters is not gold', 'the early bird catches the worm'] * 20
@@ -275,8 +280,8 @@ def test_generate_main_with_sentencepiece(llama, monkeypatch, capsys, tmp_path):
                                  vocab_size=60, model_type='bpe', minloglevel=2)
   sp = spm.SentencePieceProcessor(model_file=str(tmp_path / 'sp.model'))
   cfg, full, params = llama
-  monkeypatch.setattr(G, '_load_model', lambda path: (cfg, params))
-  G.generate_main(['--model', 'unused', '--tokenizer', str(tmp_path / 'sp.model'),
+  interop.save_flaxllm(cfg, params, str(tmp_path / 'model'))
+  G.generate_main([f'--model={tmp_path / "model"}', '--tokenizer', str(tmp_path / 'sp.model'),
                    '--prompt', 'the quick fox', '--max-new-tokens', '3', '--json',
                    '--ignore-eos'])
   record = json.loads(capsys.readouterr().out.strip())
@@ -284,6 +289,12 @@ def test_generate_main_with_sentencepiece(llama, monkeypatch, capsys, tmp_path):
   assert record['prompt_ids'] == prompt
   assert record['ids'] == reference_greedy(full, params, prompt, 3)[0]
   assert record['text'] == sp.decode(record['ids'])
+
+
+def test_generate_main_needs_a_prompt(capsys):
+  with pytest.raises(SystemExit):
+    G.generate_main(['--model', 'x', '--prompt', 'hello'])       # text without a tokenizer
+  assert '--tokenizer' in capsys.readouterr().err
 
 
 def test_learned_positions_bound():
