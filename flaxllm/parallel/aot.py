@@ -183,37 +183,59 @@ def check_memory(report: MemoryReport, budget) -> None:
         'per-device batch.')
 
 
-def compile_reference_step(model_cfg, mesh, rules='fsdp', *, batch: int, seq: int,
-                           target: str = '', tx=None) -> MemoryReport:
-  """AOT-compiles `reference_step` (forward + backward + AdamW) of `model_cfg` on `mesh`.
+def compile_step(step_fn: Callable, init_fn: Callable, init_args: Sequence, batch: dict,
+                 mesh, rules='fsdp', *, param_specs=None, target: str = '',
+                 donate: bool = True) -> MemoryReport:
+  """AOT-compiles any `step_fn(state, batch) -> (state, metrics)` for `mesh`.
 
-  The trainer's own step plugs in the same way: abstract state from
-  `sharding.abstract_state`, batch as ShapeDtypeStructs with `batch_sharding`, then
-  `compile_aot` + `analyze`.
+  `init_fn(*init_args)` gives the state (only traced with eval_shape); `batch` maps names to
+  `(shape, dtype)` of the *global* batch (sharded over the data axes); `param_specs` as in
+  `sharding.create_sharded`. The step is traced inside `sharding.step_context` so the models'
+  activation constraints apply. This is what `flaxllm compile` runs for the trainer's step.
   """
-  import jax.numpy as jnp
-  from flaxllm import models
-  from flaxllm.parallel import reference_step as rs
   from flaxllm.parallel import rules as rules_lib
   from flaxllm.parallel import sharding as sharding_lib
 
   rules = rules_lib.get_rules(rules)
-  rules_lib.check_batch(batch, mesh, rules)
-  model = models.build(model_cfg)
-  tx = tx or rs.make_optimizer()
-  init = rs.make_init(model, tx)
-  state, shardings = sharding_lib.abstract_state(
-      init, mesh, rules, jax.random.key(0), param_specs=rules_lib.param_specs(model))
-  tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32,
-                                sharding=rules_lib.batch_sharding(mesh, rules, 2))
-  step = rs.jit_train_step(model, tx, mesh, rules, shardings)
+  state, shardings = sharding_lib.abstract_state(init_fn, mesh, rules, *init_args,
+                                                 param_specs=param_specs)
+  batch_abs, batch_sh = {}, {}
+  for name, (shape, dtype) in batch.items():
+    rules_lib.check_batch(shape[0], mesh, rules)
+    batch_sh[name] = rules_lib.batch_sharding(mesh, rules, len(shape))
+    batch_abs[name] = jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=batch_sh[name])
+
+  def wrapped(state, batch):
+    with sharding_lib.step_context(mesh, rules):
+      return step_fn(state, batch)
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  jitted = jax.jit(wrapped, in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,) if donate else ())
   t0 = time.perf_counter()
-  compiled = compile_aot(step, state, {'tokens': tokens},
+  compiled = compile_aot(jitted, state, batch_abs,
                          context=sharding_lib.sharding_context(mesh, rules))
   report = analyze(compiled, target or str(mesh.devices.flat[0].platform), mesh.devices.size,
                    time.perf_counter() - t0)
-  report.extra.update(mesh=dict(mesh.shape), rules=rules_lib.rules_name(rules), batch=batch,
-                      seq=seq)
+  report.extra.update(mesh=dict(mesh.shape), rules=rules_lib.rules_name(rules),
+                      batch={k: list(v[0]) for k, v in batch.items()})
+  return report
+
+
+def compile_reference_step(model_cfg, mesh, rules='fsdp', *, batch: int, seq: int,
+                           target: str = '', tx=None) -> MemoryReport:
+  """AOT-compiles `reference_step` (forward + backward + AdamW) of `model_cfg` on `mesh`."""
+  import jax.numpy as jnp
+  from flaxllm import models
+  from flaxllm.parallel import reference_step as rs
+  from flaxllm.parallel import rules as rules_lib
+
+  model = models.build(model_cfg)
+  tx = tx or rs.make_optimizer()
+  report = compile_step(rs.make_train_step(model, tx), rs.make_init(model, tx),
+                        (jax.random.key(0),), {'tokens': ((batch, seq + 1), jnp.int32)}, mesh,
+                        rules, param_specs=rules_lib.param_specs(model), target=target)
+  report.extra.update(batch=batch, seq=seq)
   return report
 
 
