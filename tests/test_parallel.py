@@ -25,9 +25,19 @@ from flaxllm.parallel.mesh import MeshError, mesh_shape
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / 'tests' / 'golden'
-sys.path.insert(0, str(ROOT / 'launch'))
-import local as local_launch  # noqa: E402
-import tpu_vm  # noqa: E402
+
+
+def _load_launcher(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f'flaxllm_launch_{name}',
+                                                ROOT / 'launch' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+local_launch = _load_launcher('local')
+tpu_vm = _load_launcher('tpu_vm')
 
 RTOL = 1e-5
 
