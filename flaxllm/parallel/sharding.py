@@ -1,14 +1,22 @@
 """Sharded state creation and batch placement: what a trainer calls to run on a mesh.
 
     mesh = make_mesh(cfg.mesh); rules = get_rules(cfg.parallel.rules)
-    state, state_sh = create_sharded(init_fn, mesh, rules, rng, param_specs=param_specs(model))
-    step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                   donate_argnums=0)
-    with sharding_context(mesh, rules):
-      state, metrics = step(state, shard_batch(host_batch, mesh, rules))
+    init = functools.partial(init_state, model, tx)
+    state, state_sh = create_sharded(init, mesh, rules, rng, param_specs=param_specs(model))
+
+    def sharded_step(state, batch):
+      with step_context(mesh, rules):          # activation constraints while tracing
+        return train_step(state, batch)
+
+    step = jax.jit(sharded_step, in_shardings=(state_sh, batch_sharding(mesh, rules)),
+                   out_shardings=(state_sh, None), donate_argnums=0)
+    state, metrics = step(state, shard_batch(host_batch, mesh, rules))
 
 `create_sharded` jits `init_fn` with `out_shardings` derived from the logical axis names, so
 every array is created directly in its shards (the full model never sits on one host).
+`abstract_state` gives the same shardings on ShapeDtypeStructs without allocating: the target
+for restoring an orbax checkpoint onto this mesh (`ocp.args.StandardRestore(abstract)`), and
+the input of `aot.compile_step`.
 """
 from __future__ import annotations
 
