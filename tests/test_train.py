@@ -225,6 +225,20 @@ def test_eval_command_any_checkpoint(tiny_run, capsys):
       f'error: {workdir} has no checkpoint at step 7; use one of [10, 20].')
 
 
+def test_init_from_a_run_or_an_exported_model(env, tiny_run):
+  workdir, _ = tiny_run
+  programs = trainer.build_programs(_config(env))
+  checkpoints = ckpt_lib.Checkpoints(str(workdir))
+  final, _ = checkpoints.restore(20, programs.abstract_state)
+  checkpoints.close()
+  for source in (workdir, workdir / 'model'):  # a flaxllm workdir, a `flaxllm convert` dir
+    params = trainer.load_init_params(str(source), programs.abstract_state.params)
+    jax.tree.map(np.testing.assert_array_equal, params, final.params)
+  other = trainer.build_programs(_config(env, **{'model.mlp_dim': 48}))
+  with pytest.raises(trainer.TrainError, match=r'do not match config\.model'):
+    trainer.load_init_params(str(workdir), other.abstract_state.params)
+
+
 def test_corrupted_latest_checkpoint_falls_back_and_resumes(env, tiny_run, caplog):
   original, _ = tiny_run
   workdir = env['root'] / 'corrupt'

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from typing import Any, Iterable
 
 import jax
@@ -113,15 +114,16 @@ class MetricsWriter:
         'online' if os.environ.get('WANDB_API_KEY') else 'offline')
     if mode == 'disabled':
       return None
-    import wandb  # pylint: disable=import-outside-toplevel
     id_path = os.path.join(self.workdir, WANDB_ID_FILE)
-    if os.path.exists(id_path):
-      run_id = open(id_path).read().strip()
+    if os.path.exists(id_path):  # a resumed run continues the same W&B run
+      with open(id_path) as f:
+        run_id = f.read().strip()
     else:
-      run_id = wandb.util.generate_id()
+      run_id = uuid.uuid4().hex[:12]
       with open(id_path, 'w') as f:
         f.write(run_id + '\n')
     try:
+      import wandb  # pylint: disable=import-outside-toplevel
       return wandb.init(project=config.wandb.project, group=config.wandb.group or None,
                         name=config.wandb.name or os.path.basename(os.path.abspath(self.workdir)),
                         id=run_id, resume='allow', mode=mode, dir=self.workdir,

@@ -9,6 +9,7 @@ exported model). Running it again on the same workdir resumes from the newest ch
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -72,15 +73,15 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def workdir_tokenizer(workdir: str, config) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer: the copy in `workdir` if there is one, else built from
+def workdir_tokenizer(workdir: str, config, reuse: bool = True) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer: with `reuse`, the copy in `workdir` if there is one; else built from
   `config.tokenizer` (sentencepiece models are trained on the corpus, or loaded from
   tokenizer.model_path) and copied into `workdir` so that eval and generation use the same."""
   path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(path):
-    return tokenizer_lib.SentencePieceTokenizer.load(path)
   info_path = os.path.join(workdir, TOKENIZER_INFO)
-  if os.path.exists(info_path):
+  if reuse and os.path.exists(path):
+    return tokenizer_lib.SentencePieceTokenizer.load(path)
+  if reuse and os.path.exists(info_path):
     with open(info_path) as f:
       info = json.load(f)
     if info.get('kind') == 'bytes':
@@ -92,6 +93,8 @@ def workdir_tokenizer(workdir: str, config) -> tokenizer_lib.Tokenizer:
     _write_atomic(path, tokenizer.model_proto)
     info['source'] = tokenizer.path
     tokenizer = tokenizer_lib.SentencePieceTokenizer.load(path)
+  elif os.path.exists(path):  # a tokenizer of an earlier attempt without checkpoints
+    os.remove(path)
   _write_atomic(info_path, json.dumps(info, indent=2) + '\n')
   return tokenizer
 
@@ -237,156 +240,147 @@ def sample_text(model_cfg, params, tokenizer, sample_cfg) -> str:
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run of `config` in `workdir`; returns a summary dict with
   `step`, `complete`, `preempted`, the last `val_loss` / `val_ppl` and a `sample`."""
-  # ---- 1. Workdir and config ------------------------------------------------------------
-  config = config_lib.validate(config)
-  workdir = prepare_workdir(workdir)
-  is_main = jax.process_index() == 0
-  stored = stored_config(workdir)
-  if stored is not None:
-    config_lib.check_resume_compatible(stored, config, workdir)
-  if is_main:
-    _write_atomic(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
+  with contextlib.ExitStack() as closing:  # checkpoints, iterators, writers: closed on any exit
+    # ---- 1. Workdir and config: a workdir with checkpoints only resumes its experiment -----
+    config = config_lib.validate(config)
+    workdir = prepare_workdir(workdir)
+    is_main = jax.process_index() == 0
+    checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_ckpts)
+    closing.callback(checkpoints.close)  # waits for the last asynchronous save
+    resuming = bool(checkpoints.steps())
+    stored = stored_config(workdir)
+    if resuming and stored is not None:
+      config_lib.check_resume_compatible(stored, config, workdir)
 
-  # ---- 2. Tokenizer (kept in the workdir) -----------------------------------------------
-  tokenizer = workdir_tokenizer(workdir, config)
-  try:
-    tokenizer_lib.check_vocab(tokenizer, config.model.vocab_size)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
+    # ---- 2. Tokenizer (kept in the workdir) ---------------------------------------------
+    tokenizer = workdir_tokenizer(workdir, config, reuse=resuming)
+    try:
+      tokenizer_lib.check_vocab(tokenizer, config.model.vocab_size)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
 
-  # ---- 3. Model, optimizer, steps -------------------------------------------------------
-  programs = build_programs(config)
-  model_cfg, train_step, eval_step = programs.model_cfg, programs.train_step, programs.eval_step
+    # ---- 3. Model, optimizer, steps -----------------------------------------------------
+    programs = build_programs(config)
+    model_cfg, train_step, eval_step = programs.model_cfg, programs.train_step, programs.eval_step
 
-  # ---- 4. State: resume from the workdir, or initialise -----------------------------------
-  checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_ckpts)
-  restored = checkpoints.restore_latest(programs.abstract_state)
-  if restored is not None:
-    start_step, state, data_state = restored
-    print(f'Resuming {workdir} from step {start_step}.', flush=True)
-  else:
-    start_step, data_state = 0, None
-    state = programs.init(jax.random.PRNGKey(config.seed))
-    if config.init_from:
-      params = load_init_params(config.init_from, programs.abstract_state.params)
-      state = state.replace(params=params, opt_state=jax.jit(programs.tx.init)(params))
-  if is_main:
-    metrics_lib.rewind_metrics(workdir, start_step)
+    # ---- 4. State: resume from the workdir, or initialise ---------------------------------
+    restored = checkpoints.restore_latest(programs.abstract_state) if resuming else None
+    if restored is not None:
+      start_step, state, data_state = restored
+      print(f'Resuming {workdir} from step {start_step}.', flush=True)
+    else:
+      start_step, data_state = 0, None
+      state = programs.init(jax.random.PRNGKey(config.seed))
+      if config.init_from:
+        params = load_init_params(config.init_from, programs.abstract_state.params)
+        state = state.replace(params=params, opt_state=jax.jit(programs.tx.init)(params))
 
-  # ---- 5. Data ------------------------------------------------------------------------
-  nproc = jax.process_count()
-  if config.batch_size % nproc:
-    raise ConfigError(f'batch_size={config.batch_size} is not divisible by the {nproc} '
-                      'processes; make it a multiple of the process count.')
-  data_kw = dict(seq_len=config.seq_len, batch_size=config.batch_size // nproc,
-                 process_index=jax.process_index(), process_count=nproc)
-  train_iter = data_pipeline.make_iterator(config.data, tokenizer, split='train',
-                                           seed=config.seed, **data_kw)
-  if data_state is not None:
-    train_iter.set_state(data_state)
-  val_iter = data_pipeline.make_iterator(config.data, tokenizer, split='validation',
-                                         seed=config.seed, **data_kw)
-  val_start = val_iter.get_state()
+    # ---- 5. Data: this process's share; the train iterator resumes where it stopped ---------
+    nproc = jax.process_count()
+    if config.batch_size % nproc:
+      raise ConfigError(f'batch_size={config.batch_size} is not divisible by the {nproc} '
+                        'processes; make it a multiple of the process count.')
+    data_kw = dict(seq_len=config.seq_len, batch_size=config.batch_size // nproc,
+                   process_index=jax.process_index(), process_count=nproc, seed=config.seed)
+    train_iter = data_pipeline.make_iterator(config.data, tokenizer, split='train', **data_kw)
+    closing.callback(train_iter.close)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    val_iter = data_pipeline.make_iterator(config.data, tokenizer, split='validation', **data_kw)
+    closing.callback(val_iter.close)
+    val_start = val_iter.get_state()
+    if is_main:  # everything checked: record the experiment, rewind metrics to the state
+      _write_atomic(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
+      metrics_lib.rewind_metrics(workdir, start_step)
 
-  # ---- 6. The loop ----------------------------------------------------------------------
-  total = config.total_steps
-  tokens_per_step = config.batch_size * config.seq_len
-  flops_per_step = models.flops_per_token(model_cfg, config.seq_len) * tokens_per_step
-  peak = config.peak_flops
-  if not peak and start_step < total:
-    peak = metrics_lib.measure_peak_flops(model_cfg.dtype)
-    print(f'Measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({model_cfg.dtype}).', flush=True)
-  writer = metrics_lib.MetricsWriter(workdir, config, total_steps=total, start_step=start_step,
-                                     is_main=is_main)
-  summary = {'step': start_step, 'complete': False, 'preempted': False}
-  last_saved = start_step if restored is not None else None
-  pending: list[dict] = []           # device metrics of the steps since the last flush
-  window = [time.perf_counter(), 0]  # [start time, steps] of the throughput window
-  last_eval = {}
+    # ---- 6. The loop --------------------------------------------------------------------
+    total = config.total_steps
+    tokens_per_step = config.batch_size * config.seq_len
+    flops_per_step = models.flops_per_token(model_cfg, config.seq_len) * tokens_per_step
+    peak = config.peak_flops
+    if not peak and start_step < total:
+      peak = metrics_lib.measure_peak_flops(model_cfg.dtype)
+      print(f'Measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({model_cfg.dtype}).', flush=True)
+    writer = metrics_lib.MetricsWriter(workdir, config, total_steps=total,
+                                       start_step=start_step, is_main=is_main)
+    closing.callback(writer.close)
+    last_saved = start_step if restored is not None else None
+    pending: list[dict] = []           # device metrics of the steps since the last flush
+    window = [time.perf_counter(), 0]  # [start time, steps] of the throughput window
+    last_eval, preempted = {}, False
 
-  def flush(step: int):
-    """Fetches pending metrics (the only host sync), stops on a non-finite loss, logs a line."""
-    rows = jax.device_get(pending)
-    pending.clear()
-    if not rows:
-      return
-    for i, r in enumerate(rows):
-      if not config.skip_nonfinite_steps and not (np.isfinite(r['loss']) and
-                                                  np.isfinite(r['grad_norm'])):
-        bad = step - len(rows) + i + 1
-        kept = f'step {last_saved}' if last_saved is not None else 'none yet'
-        raise TrainError(
-            f'the loss became {float(r["loss"])} (grad norm {float(r["grad_norm"])}) at step '
-            f'{bad}; stopped without saving (last good checkpoint: {kept}); lower optim.lr, '
-            'raise schedule.warmup_steps or set skip_nonfinite_steps=True.')
-    line = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    line['lr'] = float(rows[-1]['lr'])
-    elapsed = time.perf_counter() - window[0]
-    if window[1] and elapsed > 0:  # not right after compilation
-      line['tokens_per_s'] = window[1] * tokens_per_step / elapsed
-      line['mfu'] = window[1] * flops_per_step / elapsed / peak
-    writer.write(step, line, show=('loss', 'tokens_per_s', 'mfu', 'lr', 'grad_norm'))
-    window[:] = [time.perf_counter(), 0]
+    def flush(step: int):
+      """Fetches pending metrics (the only host sync), stops on a non-finite loss, logs."""
+      rows = jax.device_get(pending)
+      pending.clear()
+      for i, r in enumerate(rows):
+        if not config.skip_nonfinite_steps and not (np.isfinite(r['loss']) and
+                                                    np.isfinite(r['grad_norm'])):
+          kept = f'step {last_saved}' if last_saved is not None else 'none yet'
+          raise TrainError(
+              f'the loss became {float(r["loss"])} (grad norm {float(r["grad_norm"])}) at step '
+              f'{step - len(rows) + i + 1}; stopped without saving (last good checkpoint: '
+              f'{kept}); lower optim.lr, raise schedule.warmup_steps or set '
+              'skip_nonfinite_steps=True.')
+      line = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+      line['lr'] = float(rows[-1]['lr'])
+      elapsed = time.perf_counter() - window[0]
+      if window[1] and elapsed > 0:  # not right after compilation
+        line['tokens_per_s'] = window[1] * tokens_per_step / elapsed
+        line['mfu'] = window[1] * flops_per_step / elapsed / peak
+      writer.write(step, line, show=('loss', 'tokens_per_s', 'mfu', 'lr', 'grad_norm'))
+      window[:] = [time.perf_counter(), 0]
 
-  def save(step: int):
-    nonlocal last_saved
-    if not bool(_all_finite(state)):
-      raise TrainError(f'the train state has NaN/inf values at step {step}; not saving it (last '
-                       f'good checkpoint: step {last_saved}); lower optim.lr or set '
-                       'skip_nonfinite_steps=True.')
-    checkpoints.save(step, state, train_iter.get_state())
-    last_saved = step
+    def save(step: int):
+      nonlocal last_saved
+      if not bool(_all_finite(state)):
+        raise TrainError(f'the train state has NaN/inf values at step {step}; not saving it '
+                         f'(last good checkpoint: step {last_saved}); lower optim.lr or set '
+                         'skip_nonfinite_steps=True.')
+      checkpoints.save(step, state, train_iter.get_state())
+      last_saved = step
 
-  step = start_step
-  try:
+    step = start_step
     with _Preemption() as preemption:
-      while step < total:
+      while step < total and not preempted:
         batch = next(train_iter)
         state, metrics = train_step(state, batch)
         pending.append(metrics)
         step += 1
         window[1] += 1
-        if step == start_step + 1:  # first step: exclude compilation from throughput
+        if step == start_step + 1:  # the first step compiles: keep it out of tokens/s
           jax.block_until_ready(metrics)
           window[:] = [time.perf_counter(), 0]
-        stopping = preemption.flag.is_set()
+        preempted = preemption.flag.is_set()
         do_eval = step == total or (config.eval_every and step % config.eval_every == 0)
-        do_ckpt = step == total or step % config.ckpt_every == 0 or stopping
+        do_ckpt = step == total or step % config.ckpt_every == 0 or preempted
         if step % config.log_every == 0 or do_eval or do_ckpt:
           flush(step)
         writer.advance(step)
         if do_eval:
-          last_eval = evaluate(eval_step, state.params, val_iter, val_start, config.eval_batches)
+          last_eval = evaluate(eval_step, state.params, val_iter, val_start,
+                               config.eval_batches)
           writer.write(step, last_eval, show=('loss', 'val_loss', 'val_ppl'))
           window[0] = time.perf_counter()
         if do_ckpt:
           save(step)
           window[0] = time.perf_counter()
-        if stopping:
-          summary['preempted'] = True
-          print(f'\nSIGTERM: saved a checkpoint at step {step} in {checkpoints.directory}; '
-                'run the same command to resume.', flush=True)
-          break
-  finally:
-    checkpoints.close()
-    train_iter.close()
-    writer.close()
+    if preempted:
+      print(f'\nSIGTERM: saved a checkpoint at step {step} in {checkpoints.directory}; run the '
+            'same command to resume.', flush=True)
+      return {'step': step, 'complete': False, 'preempted': True}
 
-  # ---- 7. The end: final evaluation, loss curve, exported model, sample ---------------------
-  summary['step'] = step
-  summary['complete'] = step >= total
-  if summary['complete'] and is_main:
+    # ---- 7. The end: final evaluation, loss curve, exported model, sample -------------------
     if not last_eval:  # a completed run started again: evaluate once more, log nothing new
       last_eval = evaluate(eval_step, state.params, val_iter, val_start, config.eval_batches)
-    metrics_lib.plot_losses(workdir)
-    if restored is None or start_step < total or not os.path.isdir(
-        os.path.join(workdir, MODEL_DIR)):
-      export_model(workdir, model_cfg, state.params)
-  if summary['complete'] and config.sample.max_new_tokens:
-    summary['sample'] = sample_text(model_cfg, state.params, tokenizer, config.sample)
-  summary.update(last_eval)
-  val_iter.close()
-  return summary
+    if is_main:
+      metrics_lib.plot_losses(workdir)
+      if start_step < total or not os.path.isdir(os.path.join(workdir, MODEL_DIR)):
+        export_model(workdir, model_cfg, state.params)
+    summary = {'step': step, 'complete': True, 'preempted': False, **last_eval}
+    if config.sample.max_new_tokens:
+      summary['sample'] = sample_text(model_cfg, state.params, tokenizer, config.sample)
+    return summary
 
 
 def export_model(workdir: str, model_cfg, params):
