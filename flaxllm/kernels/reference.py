@@ -51,8 +51,13 @@ def reference_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment
                         kv_segment_ids=kv_segment_ids, q_offset=q_offset, window=window)
   mask = mask[:, :, None]  # [b, 1, 1, sq, skv] broadcasts over kv_heads and groups
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum('bkgqs,bskd->bqkgd', probs.astype(v.dtype), v,
+  # Softmax with the normalisation applied after the value product ([.., d] instead of
+  # [.., seq_kv] divisions); the max is a constant shift, so it needs no gradient.
+  row_max = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+  weights = jnp.exp(logits - row_max)
+  denom = weights.sum(axis=-1)                                        # [b, k, g, q]
+  out = jnp.einsum('bkgqs,bskd->bqkgd', weights.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
+  has_key = jnp.moveaxis(row_max[..., 0] > jnp.finfo(jnp.float32).min, 3, 1)   # [b, q, k, g]
+  out = jnp.where(has_key[..., None], out / jnp.moveaxis(denom, 3, 1)[..., None], 0.0)
   return out.reshape(b, sq, h, d).astype(q.dtype)
