@@ -3,14 +3,14 @@ r"""The `make train` job: a small LLaMA trained on the Python standard library, 
     flaxllm train --config=configs/default.py --workdir=runs/default
 
 A 6-layer LLaMA (d_model 320, SwiGLU, RoPE, RMSNorm; 10.1M parameters) with a 4096-token
-SentencePiece vocabulary trained on the corpus: 150 steps of 8 x 128 tokens, about 4 minutes on
-2 CPU cores (~700 tokens/s). Afterwards it prints a sample continuing `def ` and the
+SentencePiece vocabulary trained on the corpus: 200 steps of 8 x 128 tokens, 3-5 minutes on
+2 CPU cores (700-1500 tokens/s, depending on load). Afterwards it prints a sample continuing `def ` and the
 validation perplexity; running the command again resumes, or reports that the run is complete
 (and prints both again).
 
 Variants (after the colon, comma-separated):
     size=tiny     2 layers, d_model 32, byte tokenizer, seq 32, batch 4: seconds (tests, debugging)
-    steps=N       total steps (default: 150 for size=default, 20 for size=tiny)
+    steps=N       total steps (default: 200 for size=default, 20 for size=tiny)
 e.g.
     flaxllm train --config=configs/default.py:size=tiny,steps=50 --workdir=runs/tiny
 Any key can be overridden: --config.optim.lr=3e-4 --config.model.num_layers=4 ...
@@ -45,11 +45,11 @@ def get_config(arg=None):
     config.tokenizer.max_train_bytes = 4_000_000
     config.seq_len = 128
     config.batch_size = 8
-    config.total_steps = arg.steps or 150
+    config.total_steps = arg.steps or 200
     config.optim.lr = 3e-3
-    config.schedule.warmup_steps = 15
+    config.schedule.warmup_steps = 20
     config.log_every = 5
-    config.eval_every = 50
+    config.eval_every = 100
     config.eval_batches = 8
     config.ckpt_every = 50
   elif arg.size == 'tiny':
