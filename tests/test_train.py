@@ -118,7 +118,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(env, referenc
     assert steps[-1] == reached
 
   out = _run(env, workdir)  # resume to the end
-  assert 'Resuming' in out.stdout
+  assert f'Resuming {workdir} from step {steps[-1]}.' in out.stdout
   losses, val_losses = _losses(workdir)
   ref_losses, ref_val = reference_run
   assert sorted(losses) == list(range(1, RESUME_STEPS + 1))
@@ -126,6 +126,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(env, referenc
   assert val_losses == ref_val
 
   again = _run(env, workdir)  # a completed run reports so and changes nothing
+  assert f'is already complete ({RESUME_STEPS}/{RESUME_STEPS} steps' in again.stdout
   assert f'Run complete: {RESUME_STEPS}/{RESUME_STEPS}' in again.stdout
   assert _losses(workdir)[0] == ref_losses
 

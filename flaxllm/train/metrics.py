@@ -93,11 +93,11 @@ class MetricsWriter:
   """Writes each metrics dict to metrics.jsonl, W&B and the progress bar."""
 
   def __init__(self, workdir: str, config, *, total_steps: int, start_step: int,
-               is_main: bool = True):
+               is_main: bool = True, use_wandb: bool = True):
     self.workdir = workdir
     self.is_main = is_main
     self.file = open(os.path.join(workdir, METRICS_FILE), 'a') if is_main else None
-    self.run = self._init_wandb(config) if is_main else None
+    self.run = self._init_wandb(config) if is_main and use_wandb else None
     self.bar = None
     self.last_print = 0.0
     if is_main and config.progress_bar:

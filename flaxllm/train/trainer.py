@@ -267,7 +267,11 @@ def train(config, workdir: str) -> dict:
     restored = checkpoints.restore_latest(programs.abstract_state) if resuming else None
     if restored is not None:
       start_step, state, data_state = restored
-      print(f'Resuming {workdir} from step {start_step}.', flush=True)
+      if start_step < config.total_steps:
+        print(f'Resuming {workdir} from step {start_step}.', flush=True)
+      else:
+        print(f'The run in {workdir} is already complete ({start_step}/{config.total_steps} '
+              'steps; raise --config.total_steps to train on).', flush=True)
     else:
       start_step, data_state = 0, None
       state = programs.init(jax.random.PRNGKey(config.seed))
@@ -302,7 +306,8 @@ def train(config, workdir: str) -> dict:
       peak = metrics_lib.measure_peak_flops(model_cfg.dtype)
       print(f'Measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({model_cfg.dtype}).', flush=True)
     writer = metrics_lib.MetricsWriter(workdir, config, total_steps=total,
-                                       start_step=start_step, is_main=is_main)
+                                       start_step=start_step, is_main=is_main,
+                                       use_wandb=start_step < total)
     closing.callback(writer.close)
     last_saved = start_step if restored is not None else None
     pending: list[dict] = []           # device metrics of the steps since the last flush
