@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import sys
 
 import numpy as np

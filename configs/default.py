@@ -4,9 +4,9 @@ r"""The `make train` job: a small LLaMA trained on the Python standard library, 
 
 A 6-layer LLaMA (d_model 320, SwiGLU, RoPE, RMSNorm; 10.1M parameters) with a 4096-token
 SentencePiece vocabulary trained on the corpus: 200 steps of 8 x 128 tokens, 3-5 minutes on
-2 CPU cores (700-1500 tokens/s, depending on load). Afterwards it prints a sample continuing `def ` and the
-validation perplexity; running the command again resumes, or reports that the run is complete
-(and prints both again).
+2 CPU cores (700-1500 tokens/s, depending on load). Afterwards it prints a sample continuing
+`def ` and the validation perplexity; running the command again resumes, or reports that the
+run is complete (and prints both again).
 
 Variants (after the colon, comma-separated):
     size=tiny     2 layers, d_model 32, byte tokenizer, seq 32, batch 4: seconds (tests, debugging)
@@ -30,7 +30,7 @@ def get_config(arg=None):
   m.norm = 'rmsnorm'
   m.position = 'rope'
   m.tie_embeddings = False
-  m.dtype = 'float32'        # bf16 matmuls are slower than f32 on most CPUs; use 'bfloat16' on TPU/GPU
+  m.dtype = 'float32'        # bf16 matmuls are slower on most CPUs; use 'bfloat16' on TPU/GPU
   m.param_dtype = 'float32'
 
   # Data: the embedded stdlib corpus, packed rows.

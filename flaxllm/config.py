@@ -328,7 +328,8 @@ def validate(config: ConfigDict) -> ConfigDict:
            'data.worker_count', 'data.read_threads', 'sample.max_new_tokens',
            'sample.temperature', 'sample.top_k', allow_zero=True)
   _require(config.optim.name in OPTIMIZERS,
-           f'optim.name={config.optim.name!r} is not a known optimizer; choose one of {OPTIMIZERS}.')
+           f'optim.name={config.optim.name!r} is not a known optimizer; choose one of '
+           f'{OPTIMIZERS}.')
   _require(config.schedule.name in SCHEDULES,
            f'schedule.name={config.schedule.name!r} is not a known schedule; choose one of '
            f'{SCHEDULES}.')

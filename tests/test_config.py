@@ -76,8 +76,8 @@ def test_overrides_use_the_types_of_the_defaults():
                             r'batch_size a multiple of accum_steps\.'),
     ('optim.b2=1.0', r'optim\.b1=0\.9 and optim\.b2=1\.0 must be in \[0, 1\); use e\.g\. 0\.9 and '
                      r'0\.95\.'),
-    ('schedule.warmup_steps=400', r'schedule\.warmup_steps=400 exceeds total_steps={total}; lower the '
-                                  r'warmup or raise total_steps\.'),
+    ('schedule.warmup_steps=400', r'schedule\.warmup_steps=400 exceeds total_steps={total}; '
+                                  r'lower the warmup or raise total_steps\.'),
     ('optim.wd_exclude=norm(', r"optim\.wd_exclude pattern 'norm\(' is not a valid regex"),
     ('model.num_heads=7', r'model\.num_heads=7 does not divide model\.d_model=320; pick a divisor '
                           r'of d_model or set model\.head_dim\.'),
@@ -104,8 +104,9 @@ def test_bad_values_fail_with_one_sentence_naming_key_and_fix(override, message)
 
 def test_learned_positions_limit_seq_len():
   _load('model.position=learned', 'seq_len=256')  # == max_seq_len: fine
-  with pytest.raises(ConfigError, match=r'^seq_len=512 exceeds model\.max_seq_len=256 \(learned '
-                                        r'positions\); lower seq_len or raise model\.max_seq_len\.$'):
+  with pytest.raises(ConfigError, match=r'^seq_len=512 exceeds model\.max_seq_len=256 \(learned'
+                                        r' positions\); lower seq_len or raise '
+                                        r'model\.max_seq_len\.$'):
     _load('model.position=learned', 'seq_len=512')
   _load('seq_len=512')  # RoPE has no table: allowed
 
