@@ -13,6 +13,8 @@ clipping at 1.0 and a per-token mean cross-entropy.
   state donated, metrics included.
 - torch: logits = model(inputs); F.cross_entropy; backward; clip_grad_norm_; AdamW.step;
   zero_grad.
+Both forward passes (with the loss, no gradients) are timed too, to split the step into
+forward and backward + update.
 
 The two are timed alternately in one process (a rep of `--steps` steps each), so load from other
 processes hits both alike; the figures are medians over `--reps`. MFU = training FLOPs per token
@@ -60,6 +62,7 @@ def main(argv=None):
   from flaxllm import config as config_lib
   from flaxllm import models
   from flaxllm.train import metrics as metrics_lib
+  from flaxllm.train import step as step_lib
   from flaxllm.train import trainer
   import model_speed  # bench/model_speed.py: the torch twin of a flaxllm LLaMA, machine info
 
@@ -69,6 +72,7 @@ def main(argv=None):
   config = config_lib.load_config(args.config)
   programs = trainer.build_programs(config)
   cfg = programs.model_cfg
+  programs_model = models.build(cfg)
   batch, seq = config.batch_size, config.seq_len
   peak = [metrics_lib.measure_peak_flops('float32')]
 
@@ -110,13 +114,38 @@ def main(argv=None):
       torch.nn.utils.clip_grad_norm_(tmodel.parameters(), o.grad_clip)
       topt.step()
       topt.zero_grad(set_to_none=True)
-    losses['torch'].append(float(loss))
+    losses['torch'].append(float(loss.detach()))
+
+  # The forward pass alone (loss, no gradients), to tell forward and backward apart.
+  flax_loss = jax.jit(lambda p, b: step_lib.loss_sums(programs_model, p, b)[0])
+
+  def flax_forward():
+    for _ in range(args.steps):
+      out = flax_loss(holder['state'].params, jbatch)
+    float(out)
+
+  def torch_forward():
+    with torch.no_grad():
+      for _ in range(args.steps):
+        logits = tmodel(input_ids=t_in, use_cache=False).logits
+        out = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), t_tg.reshape(-1))
+    float(out)
 
   for _ in range(args.warmup):
     flax_steps()
     torch_steps()
+    flax_forward()
+    torch_forward()
   ntok = batch * seq * args.steps
   result = model_speed.measure(flax_steps, torch_steps, args.reps, ntok)
+  forward = model_speed.measure(flax_forward, torch_forward, args.reps, ntok)
+  result['forward'] = {k: forward[k] for k in ('flaxllm_s', 'torch_s', 'flaxllm_cpu_s',
+                                                 'torch_cpu_s', 'speedup', 'cpu_time_ratio')}
+  result['backward_and_update'] = {  # step time minus forward time
+      'flaxllm_s': result['flaxllm_s'] - forward['flaxllm_s'],
+      'torch_s': result['torch_s'] - forward['torch_s']}
+  result['backward_and_update']['speedup'] = (result['backward_and_update']['torch_s'] /
+                                              result['backward_and_update']['flaxllm_s'])
   peak.append(metrics_lib.measure_peak_flops('float32'))
   peak_flops = max(peak)
   flops_tok = models.flops_per_token(cfg, seq)
@@ -171,6 +200,12 @@ def markdown(r):
       '',
       f"flaxllm / torch tokens/s: **{r['speedup']:.2f}x**; process CPU time torch / flaxllm: "
       f"{r['cpu_time_ratio']:.2f}x (less sensitive to other load).",
+      f"Where the time goes (torch time / flaxllm time, same reps): forward pass with loss "
+      f"{r['forward']['speedup']:.2f}x ({r['forward']['flaxllm_s'] / r['steps_per_rep']:.3f} s "
+      f"vs {r['forward']['torch_s'] / r['steps_per_rep']:.3f} s per step); backward + update "
+      f"(step minus forward) {r['backward_and_update']['speedup']:.2f}x "
+      f"({r['backward_and_update']['flaxllm_s'] / r['steps_per_rep']:.3f} s vs "
+      f"{r['backward_and_update']['torch_s'] / r['steps_per_rep']:.3f} s).",
       f"MFU: training FLOPs per token {r['flops_per_token'] / 1e6:.1f} MFLOP (6N + attention) "
       f"against this CPU's measured float32 matmul peak {r['peak_flops'] / 1e9:.1f} GFLOP/s "
       f"(best of {len(r['peak_flops_measured'])} measurements in this run).",
