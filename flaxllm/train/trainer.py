@@ -162,17 +162,27 @@ def _all_finite(tree) -> jax.Array:
 def load_init_params(path: str, abstract_params):
   """Params to start from (`config.init_from`): a flaxllm workdir (its newest checkpoint) or a
   model directory of `flaxllm convert` / Hugging Face (via flaxllm.interop)."""
+  mismatch = TrainError(f'the params in init_from={path!r} do not match config.model '
+                        '(different shapes or names); use the same model settings as that run.')
+  signature = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
   if os.path.isdir(os.path.join(path, ckpt_lib.CHECKPOINT_DIR)):
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    manager = ocp.CheckpointManager(os.path.join(path, ckpt_lib.CHECKPOINT_DIR),
-                                    item_names=('state', 'data'))
-    step = manager.latest_step()
-    if step is None:
-      raise TrainError(f'init_from={path!r} has no checkpoint; train it first or point '
-                       'init_from at another run.')
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-    params = restored.state['params']
-    manager.close()
+    manager = ocp.CheckpointManager(
+        os.path.join(path, ckpt_lib.CHECKPOINT_DIR),
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
+    with contextlib.closing(manager):
+      step = manager.latest_step()
+      if step is None:
+        raise TrainError(f'init_from={path!r} has no checkpoint; train it first or point '
+                         'init_from at another run.')
+      stored = manager.item_metadata(step)['state'].tree.get('params')
+      if stored is None or signature(stored) != signature(abstract_params):
+        raise mismatch  # checked before reading any array
+      target = {'params': abstract_params}  # only the params of that run's state
+      params = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))).state['params']
   else:
     from flaxllm.interop import native  # pylint: disable=import-outside-toplevel
     if os.path.exists(os.path.join(path, native.CONFIG_NAME)):
@@ -180,11 +190,8 @@ def load_init_params(path: str, abstract_params):
     else:
       from flaxllm.interop import hf  # pylint: disable=import-outside-toplevel
       _, params = hf.load(path)
-  want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), abstract_params)
-  got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
-  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-    raise TrainError(f'the params in init_from={path!r} do not match config.model (different '
-                     'shapes or names); use the same model settings as that run.')
+  if signature(params) != signature(abstract_params):
+    raise mismatch
   return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
                       params, abstract_params)
 
