@@ -48,6 +48,10 @@ def _run(fn, *args) -> int:
       raise
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 1
+  except KeyboardInterrupt:
+    print('\ninterrupted: the checkpoints already written are kept; run the same command to '
+          'resume.', file=sys.stderr, flush=True)
+    return 130
 
 
 def parse_train_args(argv: Sequence[str]):
