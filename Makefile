@@ -25,12 +25,14 @@ train: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest tests $(ARGS)
 
+# CPU benchmarks (results go to bench/results/); attention and AOT memory need a GPU / libtpu
+# to mean much: run bench/attention.py and bench/aot_memory.py by hand there.
 bench: $(VENV)/.installed-dev
-	$(BIN)/python bench/run_all.py $(ARGS)
+	$(BIN)/python bench/model_speed.py $(ARGS)
+	$(BIN)/python bench/train_speed.py $(ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/python -m pip install -q ruff
-	$(BIN)/ruff check flaxllm tests bench configs
+	$(BIN)/ruff check flaxllm tests bench configs launch
 
 clean:
 	rm -rf $(VENV) build *.egg-info

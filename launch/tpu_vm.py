@@ -20,7 +20,6 @@ keep it).
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys

@@ -1,8 +1,6 @@
 """Tests for flaxllm.data tokenizers: SentencePiece (trained, cached, loaded) and bytes."""
 
-import os
 import pickle
-import sysconfig
 
 import pytest
 

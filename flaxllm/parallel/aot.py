@@ -27,7 +27,7 @@ import json
 import re
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 
