@@ -81,6 +81,7 @@ def base_config() -> ConfigDict:
   c.data.max_files = 0             # 0 = no limit
   c.data.max_bytes = 0
   c.data.shuffle = True            # seeded global shuffle of the train split, every epoch
+  c.data.shuffle_window = 1024     # then shuffle packed rows within windows of this many rows
   c.data.packing = 'concat'        # 'concat' (no padding) | 'first_fit' (whole pieces)
   c.data.packing_bins = 16
   c.data.worker_count = 0          # grain worker processes for tokenization (0 = in-process)

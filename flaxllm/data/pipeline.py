@@ -8,6 +8,7 @@ Per process::
     -> tokenize each document into BOS + tokens + EOS               (a "document")
     -> (inputs, targets, loss_mask) = (tokens[:-1], tokens[1:], mask[1:])
     -> pack into rows of seq_len with segment_ids / positions      (no pair crosses documents)
+    -> (train) shuffle packed rows within windows of data.shuffle_window rows
     -> batch, and pad a final partial batch with empty rows
     -> DataIterator with JSON-serialisable get_state / set_state
 
@@ -256,7 +257,8 @@ def make_iterator(
       and its fields (``path``/``glob``, ``name``/``data_dir``, ``max_files``,
       ``max_bytes``, ``val_fraction``, ``text_key``, ``<split>_split``), plus
       ``format`` ('text': one document per record; see ``DOCUMENT_FORMATS``),
-      ``shuffle`` (True: seeded global shuffle of the train split),
+      ``shuffle`` (True: seeded global shuffle of the train split, then packed rows
+      shuffled within windows of ``shuffle_window`` rows),
       ``packing`` ('concat' | 'first_fit'), ``worker_count`` (0: tokenize in
       this process), ``read_threads`` (0).
     tokenizer: any :class:`Tokenizer`.
@@ -305,6 +307,9 @@ def make_iterator(
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   it_ds = pack_examples(it_ds, seq_len, method=packing, pad_id=pad_id, num_bins=int(cfg_get(data_config, "packing_bins", 16)))
+  window = int(cfg_get(data_config, "shuffle_window", 0)) if shuffle else 0
+  if window > 1:  # rows of one long document would otherwise fill whole batches
+    it_ds = grain.experimental.WindowShuffleIterDataset(it_ds, window_size=window, seed=seed)
   it_ds = it_ds.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size, pad_id))
   fingerprint = dict(
       data=identity,
@@ -317,6 +322,7 @@ def make_iterator(
       process_count=process_count,
       num_epochs=num_epochs,
       packing=packing,
+      shuffle_window=window,
       format=fmt,
       worker_count=workers,
       vocab_size=tokenizer.vocab_size,
