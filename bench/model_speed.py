@@ -247,17 +247,21 @@ def main(argv=None):
                 command=shlex.join(['.venv/bin/python', 'bench/model_speed.py'] + argv))
   info['load_avg_1min_before'] = load_before
   info['load_avg_1min_after'] = os.getloadavg()[0]
-  table = markdown(result)
   print()
-  print(table)
-  if args.out:
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + '.json', 'w') as f:
-      json.dump(result, f, indent=2)
-    with open(args.out + '.md', 'w') as f:
-      f.write(table)
-    print(f'wrote {args.out}.json and {args.out}.md')
+  write_results(args.out, result, markdown(result))
   return result
+
+
+def write_results(out, result, table):
+  """Prints the markdown table; writes `out`.json and `out`.md unless out is empty."""
+  print(table)
+  if out:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + '.json', 'w') as f:
+      json.dump(result, f, indent=2)
+    with open(out + '.md', 'w') as f:
+      f.write(table)
+    print(f'wrote {out}.json and {out}.md')
 
 
 def markdown(r):

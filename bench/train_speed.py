@@ -24,7 +24,6 @@ the same run as the best float32 [1024 x 1024] matmul FLOP/s of this CPU under X
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -161,15 +160,7 @@ def main(argv=None):
              peak_flops_measured=peak, peak_flops=peak_flops,
              first_losses={k: v[:1] for k, v in losses.items()}, **result,
              command=shlex.join(['.venv/bin/python', 'bench/train_speed.py'] + argv))
-  table = markdown(out)
-  print(table)
-  if args.out:
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + '.json', 'w') as f:
-      json.dump(out, f, indent=2)
-    with open(args.out + '.md', 'w') as f:
-      f.write(table)
-    print(f'wrote {args.out}.json and {args.out}.md')
+  model_speed.write_results(args.out, out, markdown(out))
   return out
 
 
