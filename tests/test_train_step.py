@@ -40,7 +40,7 @@ def _batch(batch=4, seq=16, seed=0, vocab=64):
 @pytest.fixture(scope='module')
 def model_and_params():
   model = _model()
-  return model, jax.jit(functools.partial(step_lib.init_params, model))(jax.random.key(0))
+  return model, jax.jit(functools.partial(models.init_params, model))(jax.random.key(0))
 
 
 def test_loss_is_token_weighted_mean_and_z_loss_matches_hand_computation(model_and_params):
@@ -130,7 +130,7 @@ def test_weight_decay_mask_selects_paths(model_and_params):
   default_exclude = config_lib.base_config().optim.wd_exclude
   for preset, decayed_extra in (('tiny_llama', {'lm_head/kernel'}), ('tiny_gpt2', set())):
     model = models.build(models.presets.get(preset))
-    params = jax.eval_shape(functools.partial(step_lib.init_params, model), jax.random.key(0))
+    params = jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0))
     mask = flatten(optim.decay_mask(params, default_exclude))
     decayed = {p for p, m in mask.items() if m}
     assert decayed == {p for p in mask if p.endswith('/kernel')}, preset

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flaxllm import models
+
 BATCH_KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
 
 
@@ -32,15 +34,10 @@ class TrainState:
   rng: jax.Array        # uint32 [2], raw PRNG key: dropout of step t uses fold_in(rng, t)
 
 
-def init_params(model: nn.Module, rng):
-  """Fresh params (unboxed), initialised on a [1, 8] dummy batch."""
-  return nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))['params'])
-
-
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng) -> TrainState:
   """A fresh state (jit or eval_shape this)."""
   params_rng, state_rng = jax.random.split(rng)
-  params = init_params(model, params_rng)
+  params = models.init_params(model, params_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=state_rng)
 

@@ -133,7 +133,7 @@ def build_programs(config) -> Programs:
 def _build_programs(model_cfg: models.ModelConfig, key: str) -> Programs:
   config = config_lib.ConfigDict(json.loads(key))
   model = models.build(model_cfg, deterministic=model_cfg.dropout == 0)
-  abstract_params = jax.eval_shape(functools.partial(step_lib.init_params, model),
+  abstract_params = jax.eval_shape(functools.partial(models.init_params, model),
                                    jax.random.PRNGKey(0))
   tx = optim.make_optimizer(config, abstract_params)
   schedule = optim.schedule_from_config(config)
