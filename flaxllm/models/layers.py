@@ -31,6 +31,11 @@ class Linear(nn.Module):
 
   The last `len(axes) - len(features)` dims of x are contracted, e.g. the q projection maps
   [batch, seq, embed] to [batch, seq, heads, head_dim] with W[embed, heads, head_dim].
+
+  The stored kernel may also be a kernel object (a pytree with a `contract(x, n_in, dtype,
+  rng)` method): `flaxllm.lora.LoRAKernel` (x·W0 + scale·(x·A)·B, never forming W0 + BA) or
+  `flaxllm.peft.quant.QuantizedTensor` (dequantised on the fly). Such trees come from
+  `flaxllm.lora.combine` / `flaxllm.peft.quant.quantize_tree`, never from `init`.
   """
   features: tuple[int, ...]
   axes: tuple[str, ...]          # logical names of W's dims: (in..., out...)
@@ -43,8 +48,16 @@ class Linear(nn.Module):
   def __call__(self, x):
     n_in = len(self.axes) - len(self.features)
     shape = tuple(x.shape[-n_in:]) + tuple(self.features)
-    kernel = self.param('kernel', normal_init(self.init_std, self.axes), shape, self.param_dtype)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+    stored = self.get_variable('params', 'kernel') if self.has_variable('params', 'kernel') \
+        else None
+    if hasattr(stored, 'contract'):  # a LoRA / quantised kernel object (flaxllm.peft)
+      rng = (self.make_rng('dropout') if getattr(stored, 'needs_rng', False)
+             and self.has_rng('dropout') else None)
+      y = stored.contract(x, n_in, self.dtype, rng)
+    else:
+      kernel = self.param('kernel', normal_init(self.init_std, self.axes), shape,
+                          self.param_dtype)
+      y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.axes[n_in:]),
