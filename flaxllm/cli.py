@@ -4,6 +4,7 @@
   flaxllm eval      --workdir=runs/default [--step=N]
   flaxllm generate  --model=DIR --prompt="def " [--max-new-tokens=64 --temperature=0.8 ...]
   flaxllm convert   --from-hf=DIR --to=DIR   |   --from=DIR --to-hf=DIR
+  flaxllm distill-data --mode=topk|sequences --teacher=DIR --out=DIR [--config=SPEC ...]
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ COMMANDS = {
     'eval': ('flaxllm.train', 'eval_main'),
     'generate': ('flaxllm.generate', 'generate_main'),
     'convert': ('flaxllm.interop.hf', 'convert_main'),
+    'distill-data': ('flaxllm.distill.cli', 'main'),
 }
 
 

@@ -300,3 +300,75 @@ def test_student_from_teacher_takes_every_kth_layer():
     teacher_lib.student_from_teacher(sp, _params(_cfg(**T_CFG), 1), 1)
   with pytest.raises(ConfigError, match='has no decoder/layers_4'):
     teacher_lib.student_from_teacher(sp, tp, 4)
+
+
+# ----------------------------------------------------------------------------- offline, on-policy
+
+def test_offline_top_k_loss_equals_live_top_k_teacher():
+  s_cfg, t_cfg = _cfg(**S_CFG), _cfg(**T_CFG)
+  sp, tp, batch = _params(s_cfg, 0), _params(t_cfg, 1), _batch()
+  t_logits = models.build(t_cfg).apply({'params': tp}, batch['inputs'], batch['positions'],
+                                       batch['segment_ids'])
+  values, indices = losses.top_k_logits(t_logits, 8)
+  kw = dict(alpha=0.6, temperature=2.0, divergence='jsd', beta=0.4, chunk_size=5)
+  live = loss_lib.distill_loss(s_cfg, t_cfg, loss_lib.Settings(top_k=8, **kw))
+  off = loss_lib.distill_loss(s_cfg, None, loss_lib.Settings(offline=True, **kw))
+  obj_live, sums_live = live(sp, {'teacher': tp}, batch)
+  obj_off, sums_off = off(sp, {}, {**batch, 'teacher_values': values,
+                                   'teacher_indices': indices})
+  np.testing.assert_allclose(obj_off, obj_live, rtol=1e-5)
+  np.testing.assert_allclose(sums_off['kd'], sums_live['kd'], rtol=1e-5)
+
+
+def test_offline_logits_written_once_and_read_aligned(tmp_path):
+  from flaxllm import config as config_lib
+  from flaxllm.data import tokenizer as tok_lib
+  from flaxllm.distill import offline
+  config = config_lib.load_config('configs/default.py:size=tiny', [
+      '--config.total_steps=2', '--config.data.max_files=8'])
+  t_cfg = models.ModelConfig.from_dict(config.model)
+  tp = _params(t_cfg, 3)
+  tok = tok_lib.get_tokenizer(config.tokenizer, corpus=config.data)
+  meta = offline.write_topk(config, tok, t_cfg, tp, str(tmp_path / 'top'), top_k=4, log_every=0)
+  assert meta['steps'] == 2 and len(meta['crc32']) == 2
+  reader = offline.OfflineLogits(str(tmp_path / 'top'), config)
+  from flaxllm.data import pipeline
+  it = pipeline.make_iterator(config.data, tok, split='train', seq_len=config.seq_len,
+                              batch_size=config.batch_size, seed=config.seed)
+  next(it)
+  second = next(it)
+  it.close()
+  out = reader.attach(1, second)
+  assert out['teacher_values'].shape == (4, 32, 4)
+  logits = models.build(t_cfg).apply({'params': tp}, second['inputs'], second['positions'],
+                                     second['segment_ids'])
+  np.testing.assert_array_equal(out['teacher_indices'][second['loss_mask'] > 0],
+                                np.asarray(jax.lax.top_k(logits, 4)[1])[second['loss_mask'] > 0])
+  with pytest.raises(ConfigError, match='is not the one the offline logits'):
+    reader.attach(0, second)
+  config.total_steps = 5
+  with pytest.raises(ConfigError, match='cover 2 steps but total_steps=5'):
+    offline.OfflineLogits(str(tmp_path / 'top'), config)
+
+
+def test_on_policy_batches_are_student_samples_scored_without_ce():
+  from flaxllm.distill import onpolicy
+  cfg = _cfg(**S_CFG)
+  params, batch = _params(cfg), _batch(seq=12)
+  policy = onpolicy.OnPolicy(cfg, 0.5, seed=0, prompt_len=4, temperature=1.0)
+  choices = [policy.chooses(t) for t in range(40)]
+  assert 8 < sum(choices) < 32 and choices == [policy.chooses(t) for t in range(40)]
+  t_data = choices.index(False)
+  assert np.all(policy(t_data, batch, lambda: params)['ce_weight'] == 1)
+  out = policy(choices.index(True), batch, lambda: params)
+  assert {k: v.shape for k, v in out.items()} == {**{k: v.shape for k, v in batch.items()},
+                                                  'ce_weight': (4,)}
+  assert np.all(out['ce_weight'] == 0)
+  # The prompt is the row's first tokens (row 0: 4 of them); only the samples are scored.
+  np.testing.assert_array_equal(out['inputs'][0, :4], batch['inputs'][0, :4])
+  np.testing.assert_array_equal(out['inputs'][:, 1:], out['targets'][:, :-1])
+  assert out['loss_mask'][0, :3].sum() == 0 and out['loss_mask'][0, 3:].sum() == 12 - 3
+  # The loss of such a batch has no CE part: alpha * KD only.
+  st = loss_lib.Settings(alpha=0.5, temperature=1.0)
+  obj, sums = loss_lib.distill_loss(cfg, cfg, st)(params, {'teacher': _params(cfg, 5)}, out)
+  np.testing.assert_allclose(obj, 0.5 * sums['kd'], rtol=1e-6)

@@ -49,7 +49,10 @@ def head_logits(cfg: ModelConfig, params, hidden):
     logits = jnp.einsum('...d,vd->...v', hidden.astype(dtype), w.astype(dtype))
   else:
     w = params['lm_head']['kernel']                      # [embed, vocab]
-    logits = jnp.tensordot(hidden.astype(dtype), w.astype(dtype), axes=1)
+    if hasattr(w, 'contract'):   # a LoRA / quantised kernel object (flaxllm.peft), as in Linear
+      logits = w.contract(hidden, 1, dtype, None)
+    else:
+      logits = jnp.tensordot(hidden.astype(dtype), w.astype(dtype), axes=1)
   logits = logits.astype(jnp.dtype(cfg.logits_dtype))
   if logits.ndim == 3:
     logits = constrain(logits, ('batch', 'length', 'vocab'))

@@ -1,0 +1,144 @@
+"""Distillation cost on CPU: step time of a distillation step over a plain training step of the
+same student, and the compiled memory of the teacher logits (whole, chunked, offline top-k).
+
+    .venv/bin/python bench/distill_speed.py [--steps 20] [--out bench/results/distill_cpu]
+
+Shapes are those of experiments/distill: student 2 layers x 128 (1.5M params), teacher the
+default 6 x 320 model (10.1M), vocabulary 4096, batch 8 x 128 tokens. Memory comes from
+`compiled.memory_analysis()` via flaxllm.parallel.aot (no run needed); it is reported also
+for a 32k vocabulary, where the [batch, seq, vocab] float32 tensors dominate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+from flaxllm import models  # noqa: E402
+from flaxllm.distill import loss as loss_lib  # noqa: E402
+from flaxllm.parallel import aot  # noqa: E402
+from flaxllm.train import step as step_lib  # noqa: E402
+
+BASE = dict(mlp_activation='swiglu', norm='rmsnorm', position='rope', max_seq_len=256)
+STUDENT = dict(BASE, d_model=128, num_layers=2, num_heads=2, num_kv_heads=2, mlp_dim=352)
+TEACHER = dict(BASE, d_model=320, num_layers=6, num_heads=5, num_kv_heads=5, mlp_dim=864)
+
+
+def _cfgs(vocab):
+  return (models.ModelConfig.from_dict(dict(STUDENT, vocab_size=vocab)),
+          models.ModelConfig.from_dict(dict(TEACHER, vocab_size=vocab)))
+
+
+def _batch(b, s, vocab, k=0, seed=0):
+  rng = np.random.default_rng(seed)
+  tok = rng.integers(3, vocab, (b, s + 1)).astype(np.int32)
+  out = {'inputs': tok[:, :-1], 'targets': tok[:, 1:], 'loss_mask': np.ones((b, s), np.float32),
+         'segment_ids': np.ones((b, s), np.int32),
+         'positions': np.tile(np.arange(s, dtype=np.int32), (b, 1))}
+  if k:
+    out['teacher_values'] = rng.standard_normal((b, s, k)).astype(np.float16)
+    out['teacher_indices'] = rng.integers(0, vocab, (b, s, k)).astype(np.int32)
+  return out
+
+
+def _step(kind, s_cfg, t_cfg, chunk=0, k=0):
+  """(jitted train step, uses teacher) for 'plain' | 'distill' | 'offline'."""
+  tx = optax.adamw(1e-3)
+  if kind == 'plain':
+    loss_fn = step_lib.lm_loss(models.build(s_cfg))
+  else:
+    st = loss_lib.Settings(alpha=0.5, temperature=2.0, chunk_size=chunk, top_k=0,
+                           offline=kind == 'offline')
+    loss_fn = loss_lib.distill_loss(s_cfg, None if kind == 'offline' else t_cfg, st)
+  return jax.jit(step_lib.make_train_step(loss_fn, tx, lambda s: 1e-3), donate_argnums=0), tx
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), tree)
+
+
+def memory(vocab, b, s, variants):
+  s_cfg, t_cfg = _cfgs(vocab)
+  sp = jax.eval_shape(lambda: models.init_params(models.build(s_cfg), jax.random.key(0)))
+  tp = jax.eval_shape(lambda: models.init_params(models.build(t_cfg), jax.random.key(1)))
+  rows = []
+  for name, kind, chunk, k in variants:
+    step, tx = _step(kind, s_cfg, t_cfg, chunk, k)
+    state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, jax.random.key(0)), sp)
+    frozen = {'teacher': tp} if kind == 'distill' else {}
+    batch = _abstract(_batch(b, s, vocab, k))
+    t0 = time.perf_counter()
+    compiled = aot.compile_aot(step, state, batch, frozen)
+    rep = aot.analyze(compiled, 'cpu', 1, time.perf_counter() - t0)
+    rows.append({'variant': name, 'vocab': vocab, 'batch': b, 'seq': s,
+                 'temp_bytes': rep.temp_bytes, 'argument_bytes': rep.argument_bytes,
+                 'total_bytes': rep.total_bytes})
+    print(f'  vocab {vocab:6d} {name:28s} temporaries {aot.fmt_bytes(rep.temp_bytes):>11s}  '
+          f'arguments {aot.fmt_bytes(rep.argument_bytes):>11s}  total '
+          f'{aot.fmt_bytes(rep.total_bytes)}', flush=True)
+  return rows
+
+
+def timing(steps, b, s, vocab=4096, chunk=64):
+  s_cfg, t_cfg = _cfgs(vocab)
+  sp = models.init_params(models.build(s_cfg), jax.random.key(0))
+  tp = models.init_params(models.build(t_cfg), jax.random.key(1))
+  batches = [_batch(b, s, vocab, seed=i) for i in range(4)]
+  out = {}
+  for name, kind, c in (('plain', 'plain', 0), ('distill', 'distill', chunk),
+                        ('distill_unchunked', 'distill', 0)):
+    step, tx = _step(kind, s_cfg, t_cfg, c)
+    state = step_lib.init_state(jax.tree.map(jnp.array, sp), tx, jax.random.key(0))
+    frozen = {'teacher': tp} if kind == 'distill' else {}
+    state, m = step(state, batches[0], frozen)
+    jax.block_until_ready(m)
+    times = []
+    for i in range(steps):
+      t0 = time.perf_counter()
+      state, m = step(state, batches[i % 4], frozen)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+    out[name] = statistics.median(times)
+    print(f'  {name:18s} {1e3 * out[name]:8.1f} ms/step (median of {steps})', flush=True)
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--steps', type=int, default=20)
+  ap.add_argument('--out', default='bench/results/distill_cpu')
+  args = ap.parse_args(argv)
+  b, s = 8, 128
+  print('step time (CPU):')
+  t = timing(args.steps, b, s)
+  print('compiled memory (XLA CPU memory_analysis):')
+  variants = [('plain student step', 'plain', 0, 0),
+              ('distill, logits whole', 'distill', 0, 0),
+              ('distill, chunks of 64', 'distill', 64, 0),
+              ('distill, chunks of 16', 'distill', 16, 0),
+              ('offline top-64, chunks of 64', 'offline', 64, 64)]
+  mem = memory(4096, b, s, variants) + memory(32000, b, s, variants)
+  result = {'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
+                       f'jax {jax.__version__}, {jax.devices()[0].platform}',
+            'load_avg': os.getloadavg(), 'batch': b, 'seq': s,
+            'step_s': t, 'ratio_distill_over_plain': t['distill'] / t['plain'],
+            'ratio_unchunked_over_plain': t['distill_unchunked'] / t['plain'], 'memory': mem}
+  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+  with open(args.out + '.json', 'w') as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps({k: v for k, v in result.items() if k != 'memory'}, indent=2))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,64 @@
+r"""Knowledge distillation on the default corpus: does a small student gain from a teacher?
+
+The teacher is the `make train` job (configs/default.py: 6 layers, d_model 320, 10.1M params).
+The students are one small size (2 layers, d_model 128, 1.5M params, the teacher's 4096-token
+tokenizer), trained for the same 200 steps of 8 x 128 tokens with the same optimizer:
+
+    flaxllm train --config=configs/default.py --workdir=runs/distill/teacher
+    flaxllm train --config=experiments/distill/config.py:role=scratch --workdir=runs/distill/scratch
+    flaxllm train --config=experiments/distill/config.py:role=distill --workdir=runs/distill/kd
+    python experiments/distill/report.py      # table + plot into experiments/distill/README.md
+
+Other recipes of flaxllm.distill on the same student (see README.md for what they gave):
+    ...:role=distill,alpha=0.9,temperature=1     loss weights / temperature
+    ...:role=distill,divergence=jsd,beta=0.5     generalised JSD (reverse_kl, forward_kl)
+    ...:role=onpolicy                             GKD: 25% of the batches sampled by the student
+    flaxllm distill-data --mode=topk --config=experiments/distill/config.py:role=distill \
+        --top-k=64 --out=runs/distill/teacher_top64
+    ...:role=offline                              trains from those stored top-64 logits
+
+Variants: role=scratch|distill|onpolicy|offline, teacher=DIR (default runs/distill/teacher),
+alpha, temperature, divergence, beta, top_k, steps, layers, width.
+"""
+import os
+
+from flaxllm.config import parse_arg
+
+_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'configs',
+                        'default.py')
+
+
+def _default_config():
+  import importlib.util  # the teacher's config file, so the data and optimizer match exactly
+  spec = importlib.util.spec_from_file_location('flaxllm_default_config', _DEFAULT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, role='distill', teacher='runs/distill/teacher', alpha=0.5,
+                  temperature=1.0, divergence='forward_kl', beta=0.5, top_k=0, steps=200,
+                  layers=2, width=128, on_policy=0.25, offline='runs/distill/teacher_top64')
+  config = _default_config()
+  config.total_steps = arg.steps
+  config.model.update(num_layers=arg.layers, d_model=arg.width, num_heads=arg.width // 64,
+                      num_kv_heads=arg.width // 64, mlp_dim=arg.width * 11 // 4)
+  # The teacher's tokenizer: logit distillation compares the same token ids.
+  config.tokenizer.model_path = os.path.join(arg.teacher, 'tokenizer.model')
+  config.sample.max_new_tokens = 0
+  d = config.distill
+  if arg.role == 'scratch':
+    return config
+  if arg.role not in ('distill', 'onpolicy', 'offline'):
+    raise ValueError(f'unknown role {arg.role!r}; use scratch, distill, onpolicy or offline.')
+  d.update(alpha=arg.alpha, temperature=arg.temperature, divergence=arg.divergence,
+           beta=arg.beta, top_k=arg.top_k, chunk_size=64)
+  if arg.role == 'offline':
+    d.offline_logits = arg.offline
+  else:
+    d.teacher = arg.teacher
+  if arg.role == 'onpolicy':
+    d.on_policy = arg.on_policy
+    d.on_policy_prompt_len = 16
+  return config
