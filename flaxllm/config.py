@@ -37,7 +37,8 @@ __all__ = ['ConfigError', 'ConfigDict', 'parse_arg', 'load_file', 'apply_overrid
 # Names the trainer accepts for its pluggable components (see flaxllm/train/optim.py).
 OPTIMIZERS = ('adamw', 'adam', 'sgd', 'lion')
 SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt')
-DATA_SOURCES = ('stdlib', 'text', 'tfds')
+DATA_SOURCES = ('stdlib', 'text', 'tfds', 'jsonl')
+FINETUNE_METHODS = ('full', 'freeze', 'lora', 'qlora')
 
 # Keys that may differ between the stored config.json of a workdir and a resumed run. Everything
 # else (model, data, tokenizer, optimizer, batch, seeds) must match, or the run would silently
@@ -77,6 +78,7 @@ def base_config() -> ConfigDict:
   c.data.validation_split = 'validation'
   c.data.text_key = 'text'
   c.data.format = 'text'           # how a record becomes a document (data.DOCUMENT_FORMATS)
+  c.data.template = ''             # alpaca/chat prompt template ('' = the format's default)
   c.data.val_fraction = 0.02       # stdlib/text: share of files held out for validation
   c.data.max_files = 0             # 0 = no limit
   c.data.max_bytes = 0
@@ -138,6 +140,20 @@ def base_config() -> ConfigDict:
   c.sample.temperature = 0.8
   c.sample.top_k = 40
   c.sample.seed = 0
+
+  c.finetune = ConfigDict()        # what is trained (flaxllm.peft.finetune), from init_from
+  c.finetune.method = 'full'       # 'full' | 'freeze' | 'lora' | 'qlora'
+  c.finetune.train = ()            # freeze: regexes of the params that train (the rest frozen)
+  c.finetune.targets = ('all-linear',)  # lora/qlora: regexes of adapted kernels, or 'all-linear'
+  c.finetune.rank = 8
+  c.finetune.alpha = 16.0          # scale = alpha / rank (alpha / sqrt(rank) with rslora)
+  c.finetune.rslora = False
+  c.finetune.dropout = 0.0         # on the adapters' input
+  c.finetune.init = 'kaiming'      # 'kaiming' (B = 0, as PEFT) | 'gaussian' | 'pissa'
+  c.finetune.quant = 'nf4'         # qlora: base kernels as 'nf4' | 'int8'
+  c.finetune.quant_targets = ('all-linear',)
+  c.finetune.quant_block = 64
+  c.finetune.double_quant = True   # nf4: absmax values in 8 bits too
   return c
 
 
@@ -364,6 +380,12 @@ def validate(config: ConfigDict) -> ConfigDict:
   if config.data.source == 'text':
     _require(bool(config.data.path), "data.source='text' needs data.path; set "
                                      '--config.data.path=/path/to/text/files.')
+  if config.data.source == 'jsonl':
+    _require(bool(config.data.path), "data.source='jsonl' needs data.path; set "
+                                     '--config.data.path=/path/to/instructions.jsonl.')
+    _require(config.tokenizer.kind == 'bytes' or bool(config.tokenizer.model_path),
+             "data.source='jsonl' (instruction data) needs the base model's tokenizer; set "
+             '--config.tokenizer.model_path=<base workdir>/tokenizer.model.')
   if config.data.source == 'tfds':
     _require(bool(config.data.name), "data.source='tfds' needs data.name; set e.g. "
                                      '--config.data.name=lm1b.')
@@ -386,7 +408,37 @@ def validate(config: ConfigDict) -> ConfigDict:
   _require(config.wandb.mode in ('', 'online', 'offline', 'disabled'),
            f"wandb.mode={config.wandb.mode!r} is not known; use '', 'online', 'offline' or "
            "'disabled'.")
+  _validate_finetune(config.finetune)
   return config
+
+
+def _validate_finetune(f: ConfigDict):
+  """config.finetune (flaxllm.peft); rules are checked against the model's params when the
+  trainer builds its programs (a rule matching nothing is a one-sentence error there)."""
+  _require(f.method in FINETUNE_METHODS, f'finetune.method={f.method!r} is not known; choose '
+                                         f'one of {FINETUNE_METHODS}.')
+  if f.method == 'freeze':
+    _require(len(f.train) > 0, "finetune.method='freeze' needs finetune.train, the regexes of "
+                               "the params to train, e.g. --config.finetune.train='final_norm/'.")
+  for key in ('train', 'targets', 'quant_targets'):
+    for pattern in f[key]:
+      if pattern == 'all-linear':
+        continue
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ConfigError(f'finetune.{key} pattern {pattern!r} is not a valid regex ({e}); fix '
+                          'or remove it.') from e
+  _require(isinstance(f.rank, int) and f.rank >= 1,
+           f'finetune.rank={f.rank!r} must be a positive integer; use e.g. 8.')
+  _require(f.alpha > 0, f'finetune.alpha={f.alpha} must be positive; use e.g. 16.')
+  _require(0.0 <= f.dropout < 1.0, f'finetune.dropout={f.dropout} must be in [0, 1).')
+  _require(f.init in ('kaiming', 'gaussian', 'pissa'),
+           f"finetune.init={f.init!r} is not known; use 'kaiming', 'gaussian' or 'pissa'.")
+  _require(f.quant in ('nf4', 'int8'), f"finetune.quant={f.quant!r} is not known; use 'nf4' or "
+                                       "'int8'.")
+  _require(f.quant_block >= 2 and f.quant_block % 2 == 0,
+           f'finetune.quant_block={f.quant_block} must be an even number >= 2; use e.g. 64.')
 
 
 def _get(config: ConfigDict, key: str) -> Any:

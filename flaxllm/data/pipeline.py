@@ -23,6 +23,7 @@ documents with a mask over the response tokens (and, if needed, a new source in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, Iterator, Mapping
 
@@ -30,6 +31,7 @@ import grain
 import numpy as np
 
 from flaxllm.data import corpus as corpus_lib
+from flaxllm.data import instruct as instruct_lib
 from flaxllm.data.corpus import cfg_get
 from flaxllm.data.tokenizer import Tokenizer
 
@@ -69,7 +71,7 @@ def text_document(tokenizer: Tokenizer, record: Any, text_key: str = "text") -> 
 # data.format -> function(tokenizer, record, text_key) -> document. The seam for instruction data:
 # a JSONL/chat format returns {'tokens', 'loss_mask'} with the mask on the response tokens, and
 # packing carries the mask through. Functions must be importable top-level ones (grain workers).
-DOCUMENT_FORMATS = {"text": text_document}
+DOCUMENT_FORMATS = {"text": text_document, **instruct_lib.FORMATS}  # + 'alpaca', 'chat' (data/instruct.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +281,10 @@ def make_iterator(
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len and batch_size must be positive but are {seq_len} and {batch_size}.")
   shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count)
-  source, identity = corpus_lib.open_split(data_config, split)
+  if cfg_get(data_config, "source", "stdlib") == "jsonl":  # instruction records (data/instruct.py)
+    source, identity = instruct_lib.open_split(data_config, split)
+  else:
+    source, identity = corpus_lib.open_split(data_config, split)
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of {identity} is empty; use a split with documents.")
   train = split == "train"
@@ -300,7 +305,13 @@ def make_iterator(
   fmt = cfg_get(data_config, "format", "text")
   if fmt not in DOCUMENT_FORMATS:
     raise ValueError(f"Unknown data.format {fmt!r}; use one of {sorted(DOCUMENT_FORMATS)}.")
-  ds = ds.map(RecordToExample(tokenizer, DOCUMENT_FORMATS[fmt], cfg_get(data_config, "text_key", "text")))
+  document_fn = DOCUMENT_FORMATS[fmt]
+  template = cfg_get(data_config, "template", "") or ""
+  if template:  # instruction formats take a prompt template (data.template)
+    if fmt not in instruct_lib.FORMATS:
+      raise ValueError(f"data.template is set but data.format={fmt!r} takes no template; use 'alpaca' or 'chat', or clear data.template.")
+    document_fn = functools.partial(document_fn, template=template)
+  ds = ds.map(RecordToExample(tokenizer, document_fn, cfg_get(data_config, "text_key", "text")))
   read_threads = int(cfg_get(data_config, "read_threads", 0))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 4 * read_threads)))
   if workers > 0:
