@@ -83,6 +83,7 @@ def memory(vocab, b, s, variants):
     rep = aot.analyze(compiled, 'cpu', 1, time.perf_counter() - t0)
     rows.append({'variant': name, 'vocab': vocab, 'batch': b, 'seq': s,
                  'temp_bytes': rep.temp_bytes, 'argument_bytes': rep.argument_bytes,
+                 'flops': rep.flops,
                  'total_bytes': rep.total_bytes})
     print(f'  vocab {vocab:6d} {name:28s} temporaries {aot.fmt_bytes(rep.temp_bytes):>11s}  '
           f'arguments {aot.fmt_bytes(rep.argument_bytes):>11s}  total '
@@ -91,11 +92,13 @@ def memory(vocab, b, s, variants):
 
 
 def timing(steps, b, s, vocab=4096, chunk=64):
+  """Median seconds per step; the variants take turns step by step, so a change in machine
+  load hits all of them alike."""
   s_cfg, t_cfg = _cfgs(vocab)
   sp = models.init_params(models.build(s_cfg), jax.random.key(0))
   tp = models.init_params(models.build(t_cfg), jax.random.key(1))
   batches = [_batch(b, s, vocab, seed=i) for i in range(4)]
-  out = {}
+  runs = {}
   for name, kind, c in (('plain', 'plain', 0), ('distill', 'distill', chunk),
                         ('distill_unchunked', 'distill', 0)):
     step, tx = _step(kind, s_cfg, t_cfg, c)
@@ -103,14 +106,18 @@ def timing(steps, b, s, vocab=4096, chunk=64):
     frozen = {'teacher': tp} if kind == 'distill' else {}
     state, m = step(state, batches[0], frozen)
     jax.block_until_ready(m)
-    times = []
-    for i in range(steps):
+    runs[name] = [step, state, frozen, []]
+  for i in range(steps):
+    for run in runs.values():
+      step, state, frozen, times = run
       t0 = time.perf_counter()
       state, m = step(state, batches[i % 4], frozen)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
-    out[name] = statistics.median(times)
-    print(f'  {name:18s} {1e3 * out[name]:8.1f} ms/step (median of {steps})', flush=True)
+      run[1] = state
+  out = {name: statistics.median(run[3]) for name, run in runs.items()}
+  for name, t in out.items():
+    print(f'  {name:18s} {1e3 * t:8.1f} ms/step (median of {steps}, interleaved)', flush=True)
   return out
 
 

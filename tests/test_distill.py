@@ -138,7 +138,11 @@ def _cfg(**kw):
 
 @functools.lru_cache(maxsize=None)
 def _init(cfg, seed):
-  return models.init_params(models.build(cfg), jax.random.key(seed))
+  """Random params of the model's shapes (traced with eval_shape: nothing to compile)."""
+  shapes = jax.eval_shape(lambda: models.init_params(models.build(cfg), jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (1.0 if len(s.shape) == 1 else 0.05)
+                      * rng.standard_normal(s.shape).astype(np.float32), shapes)
 
 
 def _params(cfg, seed=0):
@@ -176,10 +180,10 @@ def test_distill_loss_matches_hand_computation_with_chunks_and_accumulation():
   st = loss_lib.Settings(alpha=0.7, temperature=2.0, divergence='jsd', beta=0.3, chunk_size=5)
   loss_fn = loss_lib.distill_loss(s_cfg, t_cfg, st, z_loss=1e-3)
   obj, sums = jax.jit(loss_fn)(sp, {'teacher': tp}, batch)
-  s_logits = np.asarray(models.build(s_cfg).apply({'params': sp}, batch['inputs'],
-                                                  batch['positions'], batch['segment_ids']))
-  t_logits = np.asarray(models.build(t_cfg).apply({'params': tp}, batch['inputs'],
-                                                  batch['positions'], batch['segment_ids']))
+  s_logits = np.asarray(jax.jit(models.build(s_cfg).apply)(
+      {'params': sp}, batch['inputs'], batch['positions'], batch['segment_ids']))
+  t_logits = np.asarray(jax.jit(models.build(t_cfg).apply)(
+      {'params': tp}, batch['inputs'], batch['positions'], batch['segment_ids']))
   m = batch['loss_mask']
   kd = 4.0 * (_np_div(s_logits, t_logits, 'jsd', 0.3, 2.0) * m).sum()
   lq = _np_log_softmax(s_logits)
@@ -190,27 +194,29 @@ def test_distill_loss_matches_hand_computation_with_chunks_and_accumulation():
   np.testing.assert_allclose(obj, 0.7 * kd + 0.3 * ce + 1e-3 * (lse ** 2 * m).sum(), rtol=1e-4)
   # Gradient accumulation: the same sums and per-token gradients as the full batch.
   full = jax.jit(functools.partial(step_lib.grads_and_sums, loss_fn, accum_steps=1))
-  acc = jax.jit(functools.partial(step_lib.grads_and_sums, loss_fn, accum_steps=4))
+  acc = jax.jit(functools.partial(step_lib.grads_and_sums, loss_fn, accum_steps=2))
   (g1, s1), (g4, s4) = full(sp, {'teacher': tp}, batch), acc(sp, {'teacher': tp}, batch)
   for k in ('ce', 'kd', 'tokens'):
     np.testing.assert_allclose(s4[k], s1[k], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g4, g1)
 
 
-@pytest.mark.parametrize('kind', ['forward_kl', 'reverse_kl', 'jsd'])
-def test_student_equal_to_teacher_with_alpha_one_has_zero_gradient(kind):
+def test_student_equal_to_teacher_with_alpha_one_has_zero_gradient():
   cfg = _cfg(**S_CFG)
   params, batch = _params(cfg), _batch()
-  st = loss_lib.Settings(alpha=1.0, temperature=2.0, divergence=kind, chunk_size=8)
-  loss_fn = loss_lib.distill_loss(cfg, cfg, st)
-  grads, sums = jax.jit(lambda p, f, b: jax.grad(loss_fn, has_aux=True)(p, f, b))(
-      params, {'teacher': params}, batch)
-  assert abs(float(sums['kd'])) < 1e-5
-  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-6
+
+  @functools.partial(jax.jit, static_argnums=(0,))
+  def grads(st, p, b):
+    return jax.grad(loss_lib.distill_loss(cfg, cfg, st), has_aux=True)(p, {'teacher': p}, b)
+
+  for kind in ('forward_kl', 'reverse_kl', 'jsd'):
+    g, sums = grads(loss_lib.Settings(alpha=1.0, temperature=2.0, divergence=kind), params,
+                    batch)
+    assert abs(float(sums['kd'])) < 1e-5
+    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g)) < 1e-6, kind
   # ... while the CE part alone (alpha=0) has a real gradient.
-  ce_grads, _ = jax.grad(loss_lib.distill_loss(cfg, cfg, loss_lib.Settings(alpha=0.0)),
-                         has_aux=True)(params, {'teacher': params}, batch)
-  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ce_grads)) > 1e-3
+  g, _ = grads(loss_lib.Settings(alpha=0.0), params, batch)
+  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g)) > 1e-3
 
 
 def test_train_step_updates_student_and_leaves_teacher_unchanged():
@@ -242,7 +248,7 @@ def test_hidden_state_loss_with_learned_projection():
   params = {**sp, loss_lib.PROJ_KEY: proj}
   for kind in ('cosine', 'mse'):
     st = loss_lib.Settings(alpha=0.5, hidden_loss=kind, hidden_weight=1.0)
-    grads, sums = jax.grad(loss_lib.distill_loss(s_cfg, t_cfg, st), has_aux=True)(
+    grads, sums = jax.jit(jax.grad(loss_lib.distill_loss(s_cfg, t_cfg, st), has_aux=True))(
         params, {'teacher': tp}, batch)
     hs = np.asarray(model_lib.hidden_states(s_cfg, sp, batch)) @ np.asarray(proj['kernel'])
     ht = np.asarray(model_lib.hidden_states(t_cfg, tp, batch))
@@ -307,14 +313,14 @@ def test_student_from_teacher_takes_every_kth_layer():
 def test_offline_top_k_loss_equals_live_top_k_teacher():
   s_cfg, t_cfg = _cfg(**S_CFG), _cfg(**T_CFG)
   sp, tp, batch = _params(s_cfg, 0), _params(t_cfg, 1), _batch()
-  t_logits = models.build(t_cfg).apply({'params': tp}, batch['inputs'], batch['positions'],
-                                       batch['segment_ids'])
+  t_logits = jax.jit(models.build(t_cfg).apply)({'params': tp}, batch['inputs'],
+                                                batch['positions'], batch['segment_ids'])
   values, indices = losses.top_k_logits(t_logits, 8)
   kw = dict(alpha=0.6, temperature=2.0, divergence='jsd', beta=0.4, chunk_size=5)
   live = loss_lib.distill_loss(s_cfg, t_cfg, loss_lib.Settings(top_k=8, **kw))
   off = loss_lib.distill_loss(s_cfg, None, loss_lib.Settings(offline=True, **kw))
-  obj_live, sums_live = live(sp, {'teacher': tp}, batch)
-  obj_off, sums_off = off(sp, {}, {**batch, 'teacher_values': values,
+  obj_live, sums_live = jax.jit(live)(sp, {'teacher': tp}, batch)
+  obj_off, sums_off = jax.jit(off)(sp, {}, {**batch, 'teacher_values': values,
                                    'teacher_indices': indices})
   np.testing.assert_allclose(obj_off, obj_live, rtol=1e-5)
   np.testing.assert_allclose(sums_off['kd'], sums_live['kd'], rtol=1e-5)
@@ -370,5 +376,65 @@ def test_on_policy_batches_are_student_samples_scored_without_ce():
   assert out['loss_mask'][0, :3].sum() == 0 and out['loss_mask'][0, 3:].sum() == 12 - 3
   # The loss of such a batch has no CE part: alpha * KD only.
   st = loss_lib.Settings(alpha=0.5, temperature=1.0)
-  obj, sums = loss_lib.distill_loss(cfg, cfg, st)(params, {'teacher': _params(cfg, 5)}, out)
+  obj, sums = jax.jit(loss_lib.distill_loss(cfg, cfg, st))(params, {'teacher': _params(cfg, 5)},
+                                                           out)
   np.testing.assert_allclose(obj, 0.5 * sums['kd'], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+@pytest.fixture(scope='module')
+def tiny_teacher(tmp_path_factory):
+  """A workdir as the trainer leaves it (config.json, tokenizer.json, a checkpoint) holding
+  random params of the tiny config: a teacher without training one."""
+  from flaxllm import config as config_lib
+  from flaxllm.train import checkpoint as ckpt_lib
+  workdir = str(tmp_path_factory.mktemp('teacher'))
+  config = config_lib.load_config('configs/default.py:size=tiny')
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config_lib.to_json(config))
+  with open(os.path.join(workdir, 'tokenizer.json'), 'w') as f:
+    json.dump({'kind': 'bytes'}, f)
+  params = jax.tree.map(jnp.asarray, _init(models.ModelConfig.from_dict(config.model), 7))
+  state = step_lib.init_state(params, optax.sgd(0.1), jax.random.key(0))
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  checkpoints.save(3, state, {})
+  checkpoints.close()
+  return workdir
+
+
+def _student_config(teacher, *overrides):
+  from flaxllm import config as config_lib
+  return config_lib.load_config('configs/default.py:size=tiny,steps=3', [
+      '--config.sample.max_new_tokens=0', '--config.eval_every=0', '--config.batch_size=8',
+      '--config.model.d_model=16',
+      f'--config.distill.teacher={teacher}', '--config.distill.chunk_size=8', *overrides])
+
+
+def test_trainer_distills_with_frozen_teacher(tiny_teacher, tmp_path):
+  from flaxllm.train import trainer
+  source = teacher_lib.resolve_teacher(tiny_teacher)
+  before = jax.tree.map(np.array, teacher_lib.load_teacher_params(source))
+  summary = trainer.train(_student_config(tiny_teacher, '--config.distill.alpha=0.7'),
+                          str(tmp_path / 'student'), devices=jax.devices()[:2])
+  assert summary['complete'] and np.isfinite(summary['val_loss'])
+  rows = [json.loads(x) for x in open(tmp_path / 'student' / 'metrics.jsonl')]
+  assert all(np.isfinite(r['kd']) for r in rows if 'loss' in r)
+  after = teacher_lib.load_teacher_params(source)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, after), before)
+
+
+def test_trainer_refuses_bad_teachers_before_compiling(tiny_teacher, tmp_path):
+  from flaxllm.train import trainer
+  with pytest.raises(ConfigError, match='vocab_size 259 but the student has 300'):
+    trainer.train(_student_config(tiny_teacher, '--config.model.vocab_size=300'),
+                  str(tmp_path / 'a'))
+  empty = tmp_path / 'empty_teacher'
+  (empty / 'checkpoints').mkdir(parents=True)
+  (empty / 'config.json').write_text(open(os.path.join(tiny_teacher, 'config.json')).read())
+  with pytest.raises(ConfigError, match='has no checkpoint'):
+    trainer.train(_student_config(str(empty)), str(tmp_path / 'b'))
+  with pytest.raises(ConfigError, match='distill.teacher=.* does not exist'):
+    _student_config(str(tmp_path / 'missing'))
+  with pytest.raises(ConfigError, match='top_k=1000 must be between 0'):
+    _student_config(tiny_teacher, '--config.distill.top_k=1000')

@@ -47,6 +47,7 @@ def get_config(arg=None):
   # The teacher's tokenizer: logit distillation compares the same token ids.
   config.tokenizer.model_path = os.path.join(arg.teacher, 'tokenizer.model')
   config.sample.max_new_tokens = 0
+  config.eval_every = 25          # a validation curve (the same 8 batches every time)
   d = config.distill
   if arg.role == 'scratch':
     return config

@@ -197,7 +197,7 @@ def student_from_teacher(student_params, teacher_params, every: int):
       raise ConfigError(f'distill.init_every needs equal widths, but {path} is {tuple(s.shape)} '
                         f'in the student and {tuple(t.shape)} in the teacher; give the student '
                         'the teacher\'s d_model / heads / mlp_dim or set distill.init_every=0.')
-    out[path] = jnp.asarray(t, s.dtype)
+    out[path] = jnp.array(t, s.dtype, copy=True)  # the trainer donates the student params
   tree = params_lib.unflatten(out)
   scanned = any(re.search(r'(^|/)layers/', p) for p in params_lib.flatten(student_params))
   tree = params_lib.stack_layers(tree) if scanned else tree
