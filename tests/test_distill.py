@@ -438,3 +438,20 @@ def test_trainer_refuses_bad_teachers_before_compiling(tiny_teacher, tmp_path):
     _student_config(str(tmp_path / 'missing'))
   with pytest.raises(ConfigError, match='top_k=1000 must be between 0'):
     _student_config(tiny_teacher, '--config.distill.top_k=1000')
+
+
+def test_sequence_level_data_is_teacher_text_files(tmp_path):
+  from flaxllm import config as config_lib
+  from flaxllm.data import tokenizer as tok_lib
+  from flaxllm.distill import onpolicy
+  config = config_lib.load_config('configs/default.py:size=tiny')
+  tok = tok_lib.ByteTokenizer()
+  prompts = onpolicy.document_prompts(config, tok, 3, prompt_len=5)
+  assert len(prompts) == 3 and all(p[0] == tok.bos_id and len(p) == 6 for p in prompts)
+  t_cfg = models.ModelConfig.from_dict(config.model)
+  n = onpolicy.write_sequence_data(t_cfg, _params(t_cfg, 2), tok, prompts, str(tmp_path),
+                                   max_new_tokens=6, batch_size=4, log=None)
+  files = sorted(os.listdir(tmp_path))
+  assert n == 3 and files == ['sample_000000.txt', 'sample_000001.txt', 'sample_000002.txt']
+  first = open(tmp_path / files[0]).read()
+  assert first.startswith(tok.decode(prompts[0][1:]))
