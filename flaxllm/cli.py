@@ -4,6 +4,9 @@
   flaxllm eval      --workdir=runs/default [--step=N]
   flaxllm generate  --model=DIR --prompt="def " [--max-new-tokens=64 --temperature=0.8 ...]
   flaxllm convert   --from-hf=DIR --to=DIR   |   --from=DIR --to-hf=DIR
+  flaxllm sweep     --config=experiments/scaling/sweep.py --workdir=runs/scaling [--workers=2]
+                    | --config=SWEEP.py --export-wandb=sweep.yaml [--method=grid|random|bayes]
+  flaxllm scaling   fit --sweep-dir=runs/scaling [--target-flops=1e15]  |  table --sweep-dir=...
   flaxllm distill-data --mode=topk|sequences --teacher=DIR --out=DIR [--config=SPEC ...]
 """
 from __future__ import annotations
@@ -17,6 +20,8 @@ COMMANDS = {
     'eval': ('flaxllm.train', 'eval_main'),
     'generate': ('flaxllm.generate', 'generate_main'),
     'convert': ('flaxllm.interop.hf', 'convert_main'),
+    'sweep': ('flaxllm.sweeps.main', 'sweep_main'),
+    'scaling': ('flaxllm.sweeps.main', 'scaling_main'),
     'distill-data': ('flaxllm.distill.cli', 'main'),
 }
 

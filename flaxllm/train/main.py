@@ -2,6 +2,7 @@
 
     flaxllm train --config=configs/default.py[:variant=...] --workdir=runs/x [--config.k=v ...]
     flaxllm train --workdir=runs/x                  # resume with the workdir's config.json
+    flaxllm train --config=... --workdir='runs/x/{wandb_run_id}'   # a W&B sweep agent's run
     flaxllm eval  --workdir=runs/x [--step=N] [--batches=N]
 """
 from __future__ import annotations
@@ -79,8 +80,33 @@ def config_for(spec: Optional[str], workdir: str, overrides: Sequence[str]):
   return config_lib.validate(config)
 
 
+# In --workdir, replaced by $WANDB_RUN_ID: each run of a W&B sweep agent gets its own workdir.
+RUN_ID_PLACEHOLDER = '{wandb_run_id}'
+
+
+def resolve_workdir(workdir: str) -> str:
+  """--workdir with `{wandb_run_id}` replaced by $WANDB_RUN_ID. Under a W&B sweep agent
+  ($WANDB_SWEEP_ID set) the run also logs to the agent's W&B run id, which the agent waits for
+  (a workdir that already has a W&B id keeps it)."""
+  run_id = os.environ.get('WANDB_RUN_ID', '')
+  if RUN_ID_PLACEHOLDER in workdir:
+    if not run_id:
+      raise ConfigError(f'--workdir={workdir} contains {RUN_ID_PLACEHOLDER} but $WANDB_RUN_ID is '
+                        'not set; run it under wandb agent or give a plain --workdir.')
+    workdir = workdir.replace(RUN_ID_PLACEHOLDER, run_id)
+  if run_id and os.environ.get('WANDB_SWEEP_ID'):
+    from flaxllm.train import metrics  # pylint: disable=import-outside-toplevel
+    id_path = os.path.join(workdir, metrics.WANDB_ID_FILE)
+    if not os.path.exists(id_path):
+      os.makedirs(workdir, exist_ok=True)
+      with open(id_path, 'w') as f:
+        f.write(run_id + '\n')
+  return workdir
+
+
 def _train(argv) -> int:
   spec, workdir, overrides = parse_train_args(argv)
+  workdir = resolve_workdir(workdir)
   config = config_for(spec, workdir, overrides)
   from flaxllm.train import trainer  # pylint: disable=import-outside-toplevel
   summary = trainer.train(config, workdir)
