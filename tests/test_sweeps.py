@@ -235,6 +235,15 @@ def test_wandb_export_and_the_agents_command_line(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match='is not a W&B sweep method'):
     wandb_export.sweep_file(sweep, name='x', workdir_root='runs/x', method='hyperband')
 
+  # random/bayes take distributions from the sweep file's get_wandb_parameters, if it has one.
+  with open(zipped, 'a') as f:
+    f.write("def get_wandb_parameters(arg=None):\n  return {'config.optim.lr': {'distribution': "
+            "'log_uniform_values', 'min': 1e-4, 'max': 1e-2}}\n")
+  data = wandb_export.sweep_file(runner_lib.load_sweep(zipped), name='z', workdir_root='runs/z',
+                                 method='random')
+  assert data['parameters'] == {'config.optim.lr': {'distribution': 'log_uniform_values',
+                                                    'min': 1e-4, 'max': 1e-2}}
+
 
 # ----------------------------------------------------------------------------- fits
 

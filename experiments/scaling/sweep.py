@@ -13,14 +13,14 @@ tokens each, with a cosine schedule that ends at that token count. Results and t
 experiments/scaling/README.md.
 
 Variants (after the colon):
-    budgets=(3e11,1e12,3e12)   compute budgets C in FLOPs (C = 6 N D, N with embeddings)
+    budgets=(3e11,1e12,2e12)   compute budgets C in FLOPs (C = 6 N D, N with embeddings)
     sizes=(1.5e4,5e4,1.5e5,4.5e5)   target non-embedding parameter counts
     quick                      2 budgets x 3 sizes of a few seconds each (smoke test)
 """
 from flaxllm.config import base_config, parse_arg
 from flaxllm.sweeps import spec
 
-BUDGETS = (3e11, 1e12, 3e12)
+BUDGETS = (3e11, 1e12, 2e12)
 SIZES = (1.5e4, 5e4, 1.5e5, 4.5e5)
 
 

@@ -21,9 +21,10 @@ $WANDB_RUN_ID set: `flaxllm train` replaces `{wandb_run_id}` in --workdir by it,
 run has its own workdir, and logs to that W&B run (flaxllm.train.main.resolve_workdir).
 
 Parameters come from the sweep's points, which must then be a grid (every combination of the
-values of each key: W&B grids and samplers pick each key independently), or from the sweep
-file's optional `get_wandb_parameters(arg)`, a dict of W&B parameter specs such as
-`{'config.optim.lr': {'distribution': 'log_uniform_values', 'min': 1e-4, 'max': 1e-2}}`.
+values of each key: W&B grids and samplers pick each key independently). For `random` and
+`bayes`, the sweep file may instead define `get_wandb_parameters(arg)`, a dict of W&B parameter
+specs such as `{'config.optim.lr': {'distribution': 'log_uniform_values', 'min': 1e-4,
+'max': 1e-2}}`.
 Sweeps whose keys move together (IsoFLOP grids: steps depend on the model size) cannot be
 expressed in W&B; they run with `flaxllm sweep`.
 """
@@ -79,7 +80,7 @@ def sweep_file(sweep: runner_lib.Sweep, *, name: str, workdir_root: str, method:
   path, _, arg = sweep.spec.partition(':')
   module = runner_lib.load_module(path)
   base = config_lib.load_config(sweep.spec, sweep.common)
-  if hasattr(module, 'get_wandb_parameters'):
+  if method != 'grid' and hasattr(module, 'get_wandb_parameters'):
     parameters = dict(module.get_wandb_parameters(arg or None))
     known = {k for k, _ in config_lib.flat_items(base)}
     for key in parameters:
@@ -88,9 +89,6 @@ def sweep_file(sweep: runner_lib.Sweep, *, name: str, workdir_root: str, method:
                           "'config.' + a config key; name parameters like config.optim.lr.")
   else:
     parameters = grid_parameters(sweep.points)
-  if method == 'grid' and any('values' not in p and 'value' not in p for p in parameters.values()):
-    raise ConfigError('a W&B grid sweep needs a list of values for every parameter; use '
-                      "--method=random or --method=bayes for distributions.")
   command = ['${env}', '${interpreter}', '-m', 'flaxllm.cli', 'train', f'--config={sweep.spec}',
              f'--workdir={workdir_root.rstrip("/")}/{RUN_ID_PLACEHOLDER}',
              f'--config.wandb.group={name}', *sweep.common, '${args}']
