@@ -18,7 +18,18 @@ from flaxllm.peft import rules as rules_lib
 def _model(scan: bool, **kw):
   cfg = models.presets.get('tiny_llama', scan_layers=scan, **kw)
   model = models.build(cfg)
-  return cfg, model, models.init_params(model, jax.random.key(0))
+  return cfg, model, random_params(model)
+
+
+def random_params(model, seed: int = 0):
+  """Params like `models.init_params(model, ...)` without compiling model.init (slow on a
+  loaded CPU): shapes from eval_shape, values N(0, 0.05), norm scales 1 + N(0, 0.1)."""
+  abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+  flat = {p: (1.0 + 0.1 * rng.standard_normal(x.shape) if p.endswith('scale')
+              else 0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
+          for p, x in params_lib.flatten(abstract).items()}
+  return jax.tree.map(jnp.asarray, params_lib.unflatten(flat))
 
 
 def _abstract(scan: bool = False, **kw):
@@ -40,14 +51,14 @@ def _cached(scan: bool):
   return _CACHE[scan]
 
 
-TOKENS = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
+TOKENS = np.random.default_rng(1).integers(0, 256, (2, 16)).astype(np.int32)
 
 
 def _perturb(adapters, std=0.05, seed=3):
   leaves, tdef = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(tdef, [x + std * jax.random.normal(k, x.shape)
-                                   for x, k in zip(leaves, keys)])
+  rng = np.random.default_rng(seed)  # numpy: jax.random compiles per shape (slow here)
+  return jax.tree.unflatten(tdef, [x + std * rng.standard_normal(x.shape).astype(np.float32)
+                                   for x in leaves])
 
 
 @pytest.mark.parametrize('scan', [False, True])
@@ -140,7 +151,7 @@ def test_training_moves_only_adapters(scan):
   tx = optax.adam(1e-2)
   opt = tx.init(adapters)
   assert sum(x.size for x in jax.tree.leaves(opt)) == 2 * lora.trainable_count(adapters) + 1
-  batch = jax.random.randint(jax.random.key(7), (4, 33), 0, 32)  # a learnable small vocab
+  batch = np.random.default_rng(7).integers(0, 32, (4, 33)).astype(np.int32)  # small vocab
 
   @jax.jit
   def step(adapters, opt, base):
@@ -165,7 +176,7 @@ def test_lora_step_memory_against_full_finetuning():
   """Compiled memory (XLA's analysis, nothing run) of one AdamW step: LoRA keeps no
   optimizer state or gradient for the base, so its outputs are a small fraction of full
   fine-tuning's, and its temporaries hold no full-size weight gradient."""
-  cfg = models.presets.get('tiny_llama', d_model=256, mlp_dim=1024, num_heads=4,
+  cfg = models.presets.get('tiny_llama', d_model=128, mlp_dim=512, num_heads=4,
                            num_kv_heads=4, scan_layers=True)
   model = models.build(cfg)
   abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))

@@ -62,7 +62,18 @@ def test_bytes_per_param_and_layout():
 def _tiny(scan=True):
   cfg = models.presets.get('tiny_llama', scan_layers=scan)
   model = models.build(cfg)
-  return cfg, model, models.init_params(model, jax.random.key(0))
+  return cfg, model, random_params(model)
+
+
+def random_params(model, seed: int = 0):
+  """Params like `models.init_params(model, ...)` without compiling model.init (slow on a
+  loaded CPU): shapes from eval_shape, values N(0, 0.05), norm scales 1 + N(0, 0.1)."""
+  abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+  flat = {p: (1.0 + 0.1 * rng.standard_normal(x.shape) if p.endswith('scale')
+              else 0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
+          for p, x in params_lib.flatten(abstract).items()}
+  return jax.tree.map(jnp.asarray, params_lib.unflatten(flat))
 
 
 def _loss(model, tree, batch):
@@ -76,7 +87,7 @@ def _train(model, split, model_params, params, steps=12, lr=1e-2):
   frozen = {'base': base}
   tx = optax.adam(lr)
   opt = tx.init(trainable)
-  batch = jax.random.randint(jax.random.key(7), (4, 33), 0, 32)
+  batch = np.random.default_rng(7).integers(0, 32, (4, 33)).astype(np.int32)
 
   @jax.jit
   def step(t, opt, frozen):
@@ -96,7 +107,7 @@ def test_qlora_trains_on_an_nf4_base():
   ft = {'method': 'qlora', 'targets': ('all-linear',), 'rank': 4, 'alpha': 8.0,
         'quant': 'nf4', 'double_quant': True}
   split, model_params = finetune.hooks(ft)
-  losses, adapters, base = _train(model, split, model_params, params)
+  losses, adapters, base = _train(model, split, model_params, params, steps=8)
   assert losses[-1] < losses[0] - 0.3, losses
   flat = params_lib.flatten(base)
   assert isinstance(flat['decoder/layers/attn/q_proj/kernel'], quant.QuantizedTensor)
@@ -104,11 +115,10 @@ def test_qlora_trains_on_an_nf4_base():
   stats = quant.tree_bytes(base)
   assert stats['quantized_bytes_per_param'] < 0.52
   # Merged export: dequantised base + adapters, a plain tree the model applies directly.
-  merged = finetune.full_params(ft, adapters, {'base': base})
-  tokens = jnp.arange(16)[None]
-  np.testing.assert_allclose(model.apply({'params': merged}, tokens),
-                             model.apply({'params': model_params(adapters, {'base': base})},
-                                         tokens), atol=1e-4)
+  merged = jax.jit(lambda a, b: finetune.full_params(ft, a, {'base': b}))(adapters, base)
+  fwd = jax.jit(lambda tree: model.apply({'params': tree}, jnp.arange(16)[None]))
+  np.testing.assert_allclose(fwd(merged), fwd(model_params(adapters, {'base': base})),
+                             atol=1e-4)
 
 
 def test_freeze_trains_only_the_selected_params():
@@ -138,8 +148,8 @@ def test_freeze_trains_only_the_selected_params():
 def test_hooks_trace_abstractly_and_full_is_identity():
   """The trainer builds shardings from jax.eval_shape(split, abstract params): every method
   must trace without arrays."""
-  _, model, params = _tiny()
-  abstract = jax.eval_shape(lambda: params)
+  cfg = models.presets.get('tiny_llama', scan_layers=True)
+  abstract = jax.eval_shape(lambda: models.init_params(models.build(cfg), jax.random.key(0)))
   for method in finetune.METHODS:
     ft = {'method': method, 'targets': ('q_proj', 'v_proj'), 'train': ('norm/',), 'rank': 2}
     split, _ = finetune.hooks(ft)

@@ -5,11 +5,13 @@ an adapter for a different base model fails naming the tensor."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flaxllm import lora, models
 from flaxllm.interop import hf, peft as peft_io
+from flaxllm.models import params as params_lib
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -28,13 +30,24 @@ def _setup(scan):
 def _build(scan):
   cfg = models.presets.get('tiny_llama', scan_layers=scan)
   model = models.build(cfg)
-  params = models.init_params(model, jax.random.key(0))
+  params = random_params(model)
   adapters = lora.init(params, 'all-linear', jax.random.key(1), rank=4, alpha=16)
   leaves, tdef = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  adapters = jax.tree.unflatten(tdef, [x + 0.05 * jax.random.normal(k, x.shape)
-                                       for x, k in zip(leaves, keys)])  # B != 0
+  rng = np.random.default_rng(2)
+  adapters = jax.tree.unflatten(tdef, [x + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+                                       for x in leaves])  # B != 0
   return cfg, model, params, adapters
+
+
+def random_params(model, seed: int = 0):
+  """Params like `models.init_params(model, ...)` without compiling model.init (slow on a
+  loaded CPU): shapes from eval_shape, values N(0, 0.05), norm scales 1 + N(0, 0.1)."""
+  abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+  flat = {p: (1.0 + 0.1 * rng.standard_normal(x.shape) if p.endswith('scale')
+              else 0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
+          for p, x in params_lib.flatten(abstract).items()}
+  return jax.tree.map(jnp.asarray, params_lib.unflatten(flat))
 
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 12))

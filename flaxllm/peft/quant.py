@@ -21,6 +21,7 @@ leading dims of the original (a scanned model's [layers] axis), so `nn.scan` sli
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -74,23 +75,28 @@ class QuantizedTensor:
 
   def dequantize(self, dtype=None) -> jax.Array:
     """The weight [*lead, *shape] in `dtype` (default: the original dtype)."""
-    lead, n = self.lead, math.prod(self.shape)
-    if self.kind == 'nf4':
-      hi = (self.codes >> 4).astype(jnp.int32)
-      lo = (self.codes & 0x0F).astype(jnp.int32)
-      idx = jnp.stack([hi, lo], axis=-1).reshape(*lead, -1)
-      values = jnp.asarray(NF4_LEVELS)[idx]
-    else:
-      values = self.codes.astype(jnp.float32) / 127.0
-    absmax = _absmax(self)
-    values = values.reshape(*lead, absmax.shape[-1], self.block_size) * absmax[..., None]
-    w = values.reshape(*lead, -1)[..., :n].reshape(*lead, *self.shape)
-    return w.astype(dtype or self.dtype)
+    return _dequantize(self, jnp.dtype(dtype or self.dtype))
 
   def contract(self, x, n_in: int, dtype, rng=None):
     """x · W over the last `n_in` dims of x (what Linear computes), dequantising on the fly."""
     del rng
     return _dequant_dot(x.astype(dtype), self, n_in, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=('dtype',))
+def _dequantize(q: QuantizedTensor, dtype) -> jax.Array:
+  lead, n = q.lead, math.prod(q.shape)
+  if q.kind == 'nf4':
+    hi = (q.codes >> 4).astype(jnp.int32)
+    lo = (q.codes & 0x0F).astype(jnp.int32)
+    idx = jnp.stack([hi, lo], axis=-1).reshape(*lead, -1)
+    values = jnp.asarray(NF4_LEVELS)[idx]
+  else:
+    values = q.codes.astype(jnp.float32) / 127.0
+  absmax = _absmax(q)
+  values = values.reshape(*lead, absmax.shape[-1], q.block_size) * absmax[..., None]
+  w = values.reshape(*lead, -1)[..., :n].reshape(*lead, *q.shape)
+  return w.astype(dtype)
 
 
 def _absmax(q: QuantizedTensor) -> jax.Array:
@@ -126,7 +132,11 @@ def quantize(w, kind: str = 'nf4', *, block_size: int = 64, double_quant: bool =
     raise QuantError(f'quantisation kind {kind!r} is not known; use one of {KINDS}.')
   if block_size < 2 or block_size % 2:
     raise QuantError(f'block_size={block_size} must be an even number >= 2 (e.g. 64).')
-  w = jnp.asarray(w)
+  return _quantize(jnp.asarray(w), kind, block_size, double_quant, lead)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantize(w, kind, block_size, double_quant, lead):
   lead_shape, shape = tuple(w.shape[:lead]), tuple(w.shape[lead:])
   flat = _pad_last(w.reshape(*lead_shape, -1).astype(jnp.float32), block_size)
   blocks = flat.reshape(*lead_shape, -1, block_size)
