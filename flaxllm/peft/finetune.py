@@ -116,3 +116,25 @@ def full_params(ft, trainable, frozen):
     base, adapters = lora.split(tree)
     return quant_lib.dequantize_tree(lora.merge(base, adapters))
   return tree
+
+
+ADAPTER_DIR = 'adapter'
+
+
+def export_adapter(workdir: str, ft, model_cfg, trainable) -> str | None:
+  """`<workdir>/adapter/`: LoRA adapters in Hugging Face PEFT format (for LLaMA-family models;
+  the merged model goes to `<workdir>/model/` as usual). Returns the path, or None when the
+  method has no adapters or the model has no PEFT equivalent (logged)."""
+  import logging
+  import os
+  method = _get(ft, 'method', 'full') if ft is not None else 'full'
+  if method not in ('lora', 'qlora'):
+    return None
+  from flaxllm.interop import hf, peft as peft_io
+  path = os.path.join(workdir, ADAPTER_DIR)
+  try:
+    peft_io.save_adapter(model_cfg, trainable, path)
+  except (peft_io.PeftInteropError, hf.HFInteropError) as e:
+    logging.getLogger(__name__).warning('not exporting a PEFT adapter: %s', e)
+    return None
+  return path
