@@ -9,7 +9,7 @@ SentencePiece vocabulary trained on the corpus: 200 steps of 8 x 128 tokens, 3-5
 run is complete (and prints both again).
 
 Variants (after the colon, comma-separated):
-    size=tiny     2 layers, d_model 32, byte tokenizer, seq 32, batch 4: seconds (tests, debugging)
+    size=tiny     2 layers, d_model 32, byte tokenizer, seq 32, batch 8: seconds (tests, debugging)
     steps=N       total steps (default: 200 for size=default, 20 for size=tiny)
 e.g.
     flaxllm train --config=configs/default.py:size=tiny,steps=50 --workdir=runs/tiny
@@ -58,7 +58,7 @@ def get_config(arg=None):
     config.tokenizer.kind = 'bytes'
     config.data.max_files = 40
     config.seq_len = 32
-    config.batch_size = 4
+    config.batch_size = 8
     config.total_steps = arg.steps or 20
     config.optim.lr = 3e-3
     config.schedule.warmup_steps = 2

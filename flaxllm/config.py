@@ -46,7 +46,7 @@ FINETUNE_METHODS = ('full', 'freeze', 'lora', 'qlora')
 SAFE_TO_CHANGE = ('total_steps', 'log_every', 'eval_every', 'eval_batches', 'ckpt_every',
                   'keep_ckpts', 'peak_flops', 'progress_bar', 'wandb.', 'sample.',
                   'skip_nonfinite_steps', 'model.attention_impl', 'model.remat',
-                  'data.read_threads', 'data.data_dir', 'note')
+                  'data.read_threads', 'data.data_dir', 'note', 'mesh.', 'parallel.')
 
 
 # ----------------------------------------------------------------------------- the base config
@@ -60,6 +60,12 @@ def base_config() -> ConfigDict:
   c.batch_size = 32                # global batch, in sequences
   c.seq_len = 256
   c.init_from = ''                 # '' | a flaxllm workdir/checkpoint dir to start params from
+
+  # Devices: a mesh over all devices (flaxllm.parallel.make_mesh); one in-slice axis may be -1
+  # (the remaining devices). The dcn_* factors split multi-slice TPU pods across slices.
+  c.mesh = ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1, 'dcn_data': 1, 'dcn_fsdp': 1})
+  c.parallel = ConfigDict()
+  c.parallel.rules = 'fsdp'        # logical-axis rules: 'fsdp' | 'dp' | 'fsdp_tp' (parallel.rules)
 
   c.model = ConfigDict(ModelConfig().to_dict())
   c.model.num_kv_heads = ml_collections.config_dict.placeholder(int)
@@ -88,6 +94,10 @@ def base_config() -> ConfigDict:
   c.data.packing_bins = 16
   c.data.worker_count = 0          # grain worker processes for tokenization (0 = in-process)
   c.data.read_threads = 0
+  # How processes share the global batch: 'source' (each reads its own share of the documents;
+  # scales to pods) | 'global' (each builds the whole global batch and keeps its rows: the same
+  # data, hence the same losses, on any number of processes).
+  c.data.process_sharding = 'source'
 
   c.tokenizer = ConfigDict()       # read by flaxllm.data.get_tokenizer
   c.tokenizer.kind = 'sentencepiece'   # 'sentencepiece' (trained on the corpus) | 'bytes'
@@ -140,6 +150,24 @@ def base_config() -> ConfigDict:
   c.sample.temperature = 0.8
   c.sample.top_k = 40
   c.sample.seed = 0
+
+  c.distill = ConfigDict()         # knowledge distillation (flaxllm.distill); off while teacher
+  c.distill.teacher = ''           # and offline_logits are '': a flaxllm workdir, a model dir
+  #                                  (flaxllm convert / <workdir>/model) or a Hugging Face dir
+  c.distill.teacher_dtype = ''     # '' = the teacher's own model.dtype
+  c.distill.alpha = 0.5            # loss = alpha * KD + (1 - alpha) * CE
+  c.distill.temperature = 2.0      # softmax temperature of both models; KD is scaled by T^2
+  c.distill.divergence = 'forward_kl'  # 'forward_kl' | 'reverse_kl' | 'jsd'
+  c.distill.beta = 0.5             # jsd mixture weight; 0 = forward KL, 1 = reverse KL (TRL)
+  c.distill.top_k = 0              # > 0: only the teacher's top-k logits (renormalised)
+  c.distill.chunk_size = 128       # sequence positions per logits chunk; 0 = all at once
+  c.distill.hidden_loss = ''       # '' | 'cosine' | 'mse' between final hidden states
+  c.distill.hidden_weight = 0.0    # its weight (a learned projection when widths differ)
+  c.distill.init_every = 0         # > 0: student layer i starts as teacher layer i * init_every
+  c.distill.on_policy = 0.0        # GKD lambda: fraction of steps on student-generated batches
+  c.distill.on_policy_prompt_len = 16   # data tokens kept as the prompt of those samples
+  c.distill.on_policy_temperature = 1.0
+  c.distill.offline_logits = ''    # a `flaxllm distill-data --mode=topk` dir: no teacher forward
 
   c.finetune = ConfigDict()        # what is trained (flaxllm.peft.finetune), from init_from
   c.finetune.method = 'full'       # 'full' | 'freeze' | 'lora' | 'qlora'
@@ -405,9 +433,21 @@ def validate(config: ConfigDict) -> ConfigDict:
     _require(os.path.isdir(config.init_from),
              f'init_from={config.init_from!r} is not a directory; point it at a flaxllm workdir '
              "or set it to ''.")
+  for axis, size in config.mesh.items():
+    _require(isinstance(size, int) and not isinstance(size, bool) and (size >= 1 or size == -1),
+             f'mesh.{axis}={size!r} must be a positive integer or -1 (the remaining devices); '
+             f'set e.g. --config.mesh.{axis}=1.')
+  from flaxllm.parallel.rules import PRESETS  # pylint: disable=import-outside-toplevel
+  _require(config.parallel.rules in PRESETS,
+           f'parallel.rules={config.parallel.rules!r} is not a rule preset; choose one of '
+           f'{sorted(PRESETS)}.')
+  _require(config.data.process_sharding in ('source', 'global'),
+           f"data.process_sharding={config.data.process_sharding!r} is not known; use 'source' "
+           "or 'global'.")
   _require(config.wandb.mode in ('', 'online', 'offline', 'disabled'),
            f"wandb.mode={config.wandb.mode!r} is not known; use '', 'online', 'offline' or "
            "'disabled'.")
+  _validate_distill(config.distill, model)
   _validate_finetune(config.finetune)
   return config
 
@@ -441,6 +481,41 @@ def _validate_finetune(f: ConfigDict):
            f'finetune.quant_block={f.quant_block} must be an even number >= 2; use e.g. 64.')
 
 
+def _validate_distill(d: ConfigDict, model: ModelConfig):
+  """config.distill (flaxllm.distill); the teacher itself is checked against the student (vocab,
+  tokenizer) by the trainer once the tokenizer exists, still before compiling."""
+  if not d.teacher and not d.offline_logits:
+    return
+  from flaxllm.distill.losses import DIVERGENCES  # pylint: disable=import-outside-toplevel
+  for key, path in (('teacher', d.teacher), ('offline_logits', d.offline_logits)):
+    _require(not path or os.path.isdir(os.path.expanduser(path)),
+             f'distill.{key}={path!r} does not exist; train or generate it first, or set '
+             f"distill.{key}=''.")
+  _require(0.0 <= d.alpha <= 1.0, f'distill.alpha={d.alpha} must be in [0, 1] (loss = alpha * KD '
+                                  '+ (1 - alpha) * CE); use e.g. 0.5.')
+  _require(d.temperature > 0, f'distill.temperature={d.temperature} must be positive; use e.g. 2.')
+  _require(d.divergence in DIVERGENCES, f'distill.divergence={d.divergence!r} is not known; '
+                                        f'choose one of {DIVERGENCES}.')
+  _require(0.0 <= d.beta <= 1.0, f'distill.beta={d.beta} must be in [0, 1]; use e.g. 0.5.')
+  _require(0 <= d.top_k <= model.vocab_size,
+           f'distill.top_k={d.top_k} must be between 0 (full distribution) and the vocabulary '
+           f'size {model.vocab_size}; lower it.')
+  reverse = d.divergence == 'reverse_kl' or (d.divergence == 'jsd' and d.beta == 1.0)
+  _require(not (reverse and (d.top_k or d.offline_logits)),
+           'reverse KL needs the full teacher distribution (it is infinite where a top-k teacher '
+           "has no mass); use distill.divergence='forward_kl' or 'jsd' with beta < 1.")
+  _require(d.chunk_size >= 0 and d.init_every >= 0 and d.hidden_weight >= 0,
+           'distill.chunk_size, distill.init_every and distill.hidden_weight must be >= 0.')
+  _require(d.hidden_loss in ('', 'cosine', 'mse'),
+           f"distill.hidden_loss={d.hidden_loss!r} is not known; use '', 'cosine' or 'mse'.")
+  _require(0.0 <= d.on_policy <= 1.0 and d.on_policy_prompt_len >= 1,
+           f'distill.on_policy={d.on_policy} must be in [0, 1] and on_policy_prompt_len >= 1.')
+  if d.offline_logits:
+    _require(not d.hidden_loss and not d.on_policy,
+             'offline teacher logits cannot give hidden states or score new samples; set '
+             "distill.hidden_loss='' and distill.on_policy=0, or use the live teacher.")
+
+
 def _get(config: ConfigDict, key: str) -> Any:
   node = config
   for name in key.split('.'):
@@ -455,8 +530,14 @@ def to_json(config: ConfigDict) -> str:
 
 
 def from_json(text: str) -> ConfigDict:
-  """The ConfigDict of a stored config.json (tuples come back as lists, compared as lists)."""
-  return ConfigDict(json.loads(text))
+  """The ConfigDict of a stored config.json (tuples come back as lists, compared as lists).
+  Groups of settings added to base_config after the run was stored (e.g. `distill`) take their
+  defaults, so older workdirs still resume and evaluate."""
+  stored = json.loads(text)
+  for key, value in base_config().items():
+    if key not in stored and isinstance(value, ConfigDict):
+      stored[key] = value.to_dict()
+  return ConfigDict(stored)
 
 
 def _norm(value: Any) -> Any:

@@ -198,7 +198,7 @@ def test_distill_loss_matches_hand_computation_with_chunks_and_accumulation():
   (g1, s1), (g4, s4) = full(sp, {'teacher': tp}, batch), acc(sp, {'teacher': tp}, batch)
   for k in ('ce', 'kd', 'tokens'):
     np.testing.assert_allclose(s4[k], s1[k], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g4, g1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g4, g1)
 
 
 def test_student_equal_to_teacher_with_alpha_one_has_zero_gradient():
@@ -345,7 +345,7 @@ def test_offline_logits_written_once_and_read_aligned(tmp_path):
   second = next(it)
   it.close()
   out = reader.attach(1, second)
-  assert out['teacher_values'].shape == (4, 32, 4)
+  assert out['teacher_values'].shape == (config.batch_size, 32, 4)
   logits = models.build(t_cfg).apply({'params': tp}, second['inputs'], second['positions'],
                                      second['segment_ids'])
   np.testing.assert_array_equal(out['teacher_indices'][second['loss_mask'] > 0],

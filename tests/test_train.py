@@ -118,7 +118,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(env, referenc
     assert steps[-1] == reached
 
   out = _run(env, workdir)  # resume to the end
-  assert f'Resuming {workdir} from step {steps[-1]}.' in out.stdout
+  assert f'Resuming {workdir} from step {steps[-1]} on ' in out.stdout
   losses, val_losses = _losses(workdir)
   ref_losses, ref_val = reference_run
   assert sorted(losses) == list(range(1, RESUME_STEPS + 1))
@@ -323,7 +323,7 @@ def test_default_config_loss_falls_and_prints_sample_and_perplexity(env, capsys)
   workdir = env['root'] / 'default'
   argv = [f'--config={REPO}/configs/default.py', f'--workdir={workdir}',
           '--config.total_steps=10', '--config.schedule.warmup_steps=2',
-          '--config.batch_size=4', '--config.seq_len=64', '--config.log_every=1',
+          '--config.batch_size=8', '--config.seq_len=32', '--config.log_every=1',
           '--config.eval_batches=1', '--config.data.max_files=300',
           f'--config.data.data_dir={env["data_dir"]}', '--config.peak_flops=1e11',
           '--config.wandb.mode=disabled', '--config.sample.max_new_tokens=4']

@@ -53,17 +53,17 @@ def test_loss_is_token_weighted_mean_and_z_loss_matches_hand_computation(model_a
   mask = batch['loss_mask']
   want_ce = ((lse - target_logit) * mask).sum()
   want_z = (lse ** 2 * mask).sum()
-  objective, sums = jax.jit(lambda p, b: step_lib.loss_sums(model, p, b, z_loss=1e-2))(
-      params, batch)
+  loss_fn = step_lib.lm_loss(model, z_loss=1e-2)
+  objective, sums = jax.jit(lambda p, b: loss_fn(p, {}, b))(params, batch)
   np.testing.assert_allclose(sums['ce'], want_ce, rtol=1e-5)
   np.testing.assert_allclose(sums['z'], want_z, rtol=1e-5)
   np.testing.assert_allclose(sums['tokens'], mask.sum())
   np.testing.assert_allclose(objective, want_ce + 1e-2 * want_z, rtol=1e-5)
 
   tx = optax.sgd(0.0)
-  state = step_lib.init_state(model, tx, jax.random.key(0)).replace(params=params)
-  train_step = step_lib.make_train_step(model, tx, lambda s: 0.0, z_loss=1e-2)
-  _, metrics = jax.jit(train_step)(state, batch)
+  state = step_lib.init_state(params, tx, jax.random.key(0))
+  train_step = step_lib.make_train_step(loss_fn, tx, lambda s: 0.0)
+  _, metrics = jax.jit(train_step)(state, batch, {})
   np.testing.assert_allclose(metrics['loss'], want_ce / mask.sum(), rtol=1e-5)
   np.testing.assert_allclose(metrics['z_loss'], want_z / mask.sum(), rtol=1e-5)
 
@@ -71,8 +71,9 @@ def test_loss_is_token_weighted_mean_and_z_loss_matches_hand_computation(model_a
 def test_grad_accumulation_equals_full_batch_per_token(model_and_params):
   model, params = model_and_params
   batch, accum = _batch(batch=4), 4   # one row per micro-batch; rows have different token counts
+  loss_fn = step_lib.lm_loss(model, z_loss=1e-3)
   grads_and_sums = lambda a: jax.jit(functools.partial(
-      step_lib.grads_and_sums, model, accum_steps=a, z_loss=1e-3))(params, batch)
+      step_lib.grads_and_sums, loss_fn, accum_steps=a))(params, {}, batch)
   full_grads, full_sums = grads_and_sums(1)
   acc_grads, acc_sums = grads_and_sums(accum)
   for key in ('ce', 'z', 'tokens'):
@@ -86,7 +87,7 @@ def test_grad_accumulation_equals_full_batch_per_token(model_and_params):
                               opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
   out = {}
   for a in (1, accum):
-    fn = jax.jit(step_lib.make_train_step(model, tx, lambda s: 1.0, accum_steps=a, z_loss=1e-3))
+    fn = jax.jit(step_lib.make_train_step(loss_fn, tx, lambda s: 1.0, accum_steps=a))
     out[a] = fn(state, batch)
   np.testing.assert_allclose(out[accum][1]['loss'], out[1][1]['loss'], rtol=1e-5)
   np.testing.assert_allclose(out[accum][1]['grad_norm'], out[1][1]['grad_norm'], rtol=1e-4)
@@ -96,7 +97,7 @@ def test_grad_accumulation_equals_full_batch_per_token(model_and_params):
   jax.tree.map(lambda new, old, g: np.testing.assert_allclose(old - new, g, rtol=1e-4, atol=1e-7),
                out[1][0].params, params, full)
   # Averaging per-micro-batch means instead would weight tokens unequally (rows differ).
-  sums = jax.jit(lambda b: step_lib.loss_sums(model, params, b)[1])
+  sums = jax.jit(lambda b: loss_fn(params, {}, b)[1])
   per_micro = [sums(jax.tree.map(lambda x: x[i::accum], batch)) for i in range(accum)]
   mean_of_means = np.mean([float(s['ce'] / s['tokens']) for s in per_micro])
   assert abs(mean_of_means - float(out[1][1]['loss'])) > 1e-3
@@ -168,7 +169,8 @@ def test_skip_nonfinite_keeps_the_previous_state(model_and_params):
                               opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
   batch = _batch()
   bad_lr = lambda s: jnp.float32(1.0)
-  fn = jax.jit(step_lib.make_train_step(model, tx, bad_lr, skip_nonfinite=True))
+  fn = jax.jit(step_lib.make_train_step(step_lib.lm_loss(model), tx, bad_lr,
+                                        skip_nonfinite=True))
   ok_state, ok_metrics = fn(state, batch)
   assert float(ok_metrics['skipped']) == 0.0 and int(ok_state.step) == 1
   poisoned = jax.tree.map(lambda x: x, state)

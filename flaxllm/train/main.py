@@ -131,14 +131,16 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 def evaluate_workdir(workdir: str, step: Optional[int] = None,
                      batches: Optional[int] = None) -> dict:
   """Validation loss/perplexity of a run's checkpoint (the newest by default)."""
+  from flaxllm import parallel  # pylint: disable=import-outside-toplevel
   from flaxllm.data import pipeline  # pylint: disable=import-outside-toplevel
   from flaxllm.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from flaxllm.train import trainer  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(workdir)
   config = config_for(None, workdir, ())
   tokenizer = trainer.workdir_tokenizer(workdir, config)
-  programs = trainer.build_programs(config)
+  mesh = parallel.make_mesh(config.mesh)
+  rows = parallel.local_batch_slice(config.batch_size, mesh, config.parallel.rules)
+  programs = trainer.build_programs(config, mesh)
   checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_ckpts)
   steps = checkpoints.steps()
   if not steps:
@@ -149,13 +151,16 @@ def evaluate_workdir(workdir: str, step: Optional[int] = None,
     raise ConfigError(f'{workdir} has no checkpoint at step {step}; use one of {steps}.')
   state, _ = checkpoints.restore(step, programs.abstract_state)
   checkpoints.close()
+  frozen = {}
+  if programs.has_base:  # fine-tuning: the frozen base, rebuilt as the trainer does
+    frozen['base'] = trainer.start_params(config, programs)[1]
+  # Every process reads the whole validation batch and keeps its rows.
   val_iter = pipeline.make_iterator(config.data, tokenizer, split='validation',
-                                    seq_len=config.seq_len,
-                                    batch_size=config.batch_size // jax.process_count(),
-                                    seed=config.seed, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
-  result = trainer.evaluate(programs.eval_step, state.params, val_iter, val_iter.get_state(),
-                            batches or config.eval_batches)
+                                    seq_len=config.seq_len, batch_size=config.batch_size,
+                                    seed=config.seed, process_index=0, process_count=1)
+  batches = (parallel.shard_batch({k: v[rows] for k, v in b.items()}, mesh, programs.rules)
+             for _, b in zip(range(batches or config.eval_batches), val_iter))
+  result = trainer.evaluate(programs.eval_step, state.params, frozen, batches)
   val_iter.close()
   return {'step': step, **result}
 

@@ -108,48 +108,101 @@ def stored_config(workdir: str):
 
 
 class Programs(NamedTuple):
-  """What a config compiles to: the model, the optimizer and the jitted functions."""
+  """What a config compiles to on a mesh: the model, the optimizer and the jitted functions.
+
+  Every function takes and returns arrays sharded over `mesh` by the logical-axis `rules`; the
+  state is created in its shards (`jax.jit(..., out_shardings=...)`), never whole on one host.
+  """
   model_cfg: models.ModelConfig
-  tx: Any                    # optax.GradientTransformation
-  abstract_state: Any        # TrainState of ShapeDtypeStructs (with shardings)
-  init: Callable             # rng -> TrainState
-  train_step: Callable       # (state, batch) -> (state, metrics); state is donated
-  eval_step: Callable        # (params, batch) -> {'ce', 'tokens'}
+  mesh: Any                  # jax.sharding.Mesh
+  rules: Any                 # logical-axis rules (flaxllm.parallel.rules)
+  tx: Any                    # optax.GradientTransformation (of the trainable tree)
+  abstract_params: Any       # the model's full params: ShapeDtypeStructs with shardings
+  abstract_state: Any        # TrainState of ShapeDtypeStructs with shardings (restore target)
+  has_base: bool             # a frozen base exists (fine-tuning): split() gives it back
+  init_params: Callable      # rng -> the model's full params (random init)
+  split: Callable            # (params, rng) -> (trainable, frozen base or None); params donated
+  init: Callable             # (trainable, rng) -> TrainState (trainable is donated)
+  train_step: Callable       # (state, batch, frozen) -> (state, metrics); state is donated
+  eval_step: Callable        # (params, batch, frozen) -> {'ce', 'tokens'}
+  model_params: Callable     # (trainable, frozen) -> the model's plain params (adapters merged)
 
 
-# Keys of the config that the programs depend on (besides config.model).
-_PROGRAM_KEYS = ('optim', 'schedule', 'total_steps', 'z_loss', 'skip_nonfinite_steps')
+# Keys of the config that the programs depend on (besides config.model and the mesh).
+_PROGRAM_KEYS = ('optim', 'schedule', 'total_steps', 'z_loss', 'skip_nonfinite_steps',
+                 'parallel', 'finetune', 'distill')
 
 
-def build_programs(config) -> Programs:
-  """The Programs of `config`; the same settings in one process reuse the compiled functions
-  (tests, notebooks and sweeps call train() repeatedly)."""
+def build_programs(config, mesh=None) -> Programs:
+  """The Programs of `config` on `mesh` (default: `config.mesh` over all devices); the same
+  settings in one process reuse the compiled functions (tests, notebooks and sweeps call
+  train() repeatedly)."""
+  from flaxllm import parallel  # pylint: disable=import-outside-toplevel
+  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
   key = json.dumps({k: config[k].to_dict() if hasattr(config[k], 'to_dict') else config[k]
                     for k in _PROGRAM_KEYS}, sort_keys=True, default=list)
-  return _build_programs(models.ModelConfig.from_dict(config.model), key)
+  return _build_programs(models.ModelConfig.from_dict(config.model), key, mesh)
 
 
 @functools.lru_cache(maxsize=8)
-def _build_programs(model_cfg: models.ModelConfig, key: str) -> Programs:
+def _build_programs(model_cfg: models.ModelConfig, key: str, mesh) -> Programs:
+  from flaxllm import parallel  # pylint: disable=import-outside-toplevel
+  from flaxllm.distill import hooks as distill  # pylint: disable=import-outside-toplevel
+  from flaxllm.peft import finetune  # pylint: disable=import-outside-toplevel
   config = config_lib.ConfigDict(json.loads(key))
+  rules = parallel.get_rules(config.parallel.rules)
   model = models.build(model_cfg, deterministic=model_cfg.dropout == 0)
-  abstract_params = jax.eval_shape(functools.partial(models.init_params, model),
-                                   jax.random.PRNGKey(0))
-  tx = optim.make_optimizer(config, abstract_params)
-  schedule = optim.schedule_from_config(config)
-  init = functools.partial(step_lib.init_state, model, tx)
-  # Unsharded for now: a mesh (later) only changes these shardings and adds in_shardings.
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          jax.eval_shape(init, jax.random.PRNGKey(0)))
+  specs = parallel.param_specs(model)  # logical PartitionSpec of every model param
+  rng = jax.random.PRNGKey(0)
+
+  # ---- what is trained: all params, a subset, LoRA adapters (flaxllm.peft.finetune) -------
+  split, model_params = finetune.hooks(config.finetune)  # (params, rng) -> (trainable, base)
+  # ---- the loss: next-token CE, or distillation from frozen['teacher'] (flaxllm.distill) --
+  train_loss = None
+  if distill.enabled(config):
+    split, model_params, train_loss = distill.wrap(config, model_cfg, split, model_params,
+                                                   config.z_loss)
+  eval_loss = step_lib.lm_loss(model, z_loss=config.z_loss, model_params=model_params)
+  train_loss = train_loss or eval_loss
+
+  # ---- shardings: params, trainable, frozen base and state, from the logical axis names ---
+  init_params = functools.partial(models.init_params, model)
+  abstract_params, params_sh = parallel.abstract_state(init_params, mesh, rules, rng,
+                                                       param_specs=specs)
+  abstract_trainable, abstract_base = jax.eval_shape(split, abstract_params, rng)
+  trainable_specs = finetune.trainable_specs(config.finetune, specs, abstract_trainable)
+  tx = optim.make_optimizer(config, abstract_trainable)
+  init = lambda trainable, rng: step_lib.init_state(trainable, tx, rng)
+  abstract, state_sh = parallel.abstract_state(init, mesh, rules, abstract_trainable, rng,
+                                               param_specs=trainable_specs)
+  base_sh = (None if abstract_base is None else
+             parallel.state_shardings(abstract_base, mesh, rules, specs))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def on_mesh(fn):
+    """`fn` traced with the mesh and rules visible to the models' activation constraints."""
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with parallel.step_context(mesh, rules):
+        return fn(*args)
+    return wrapped
+
   train_step = step_lib.make_train_step(
-      model, tx, schedule, accum_steps=config.optim.accum_steps, z_loss=config.z_loss,
+      train_loss, tx, optim.schedule_from_config(config), accum_steps=config.optim.accum_steps,
       skip_nonfinite=config.skip_nonfinite_steps, use_dropout=model_cfg.dropout > 0)
   return Programs(
-      model_cfg=model_cfg, tx=tx, abstract_state=abstract,
-      init=jax.jit(init, out_shardings=jax.tree.map(lambda x: x.sharding, abstract)),
-      train_step=jax.jit(train_step, donate_argnums=(0,)),
-      eval_step=jax.jit(step_lib.make_eval_step(models.build(model_cfg))))
+      model_cfg=model_cfg, mesh=mesh, rules=rules, tx=tx,
+      abstract_params=abstract_params, abstract_state=abstract,
+      has_base=abstract_base is not None,
+      init_params=jax.jit(on_mesh(init_params), out_shardings=params_sh),
+      split=jax.jit(on_mesh(split), out_shardings=(state_sh.params, base_sh),
+                    donate_argnums=(0,)),
+      init=jax.jit(on_mesh(init), out_shardings=state_sh, donate_argnums=(0,)),
+      train_step=jax.jit(on_mesh(train_step), out_shardings=(state_sh, replicated),
+                         donate_argnums=(0,)),
+      eval_step=jax.jit(on_mesh(step_lib.make_eval_step(eval_loss)), out_shardings=replicated),
+      model_params=jax.jit(on_mesh(lambda trainable, frozen: finetune.full_params(
+          config.finetune, distill.student_params(trainable), frozen))))
 
 
 @jax.jit
@@ -214,23 +267,6 @@ class _Preemption:
     return False
 
 
-def evaluate(eval_step, params, val_iter, initial_state, num_batches: int) -> dict:
-  """Mean per-token loss and perplexity over the first `num_batches` validation batches
-  (the same batches every time: the iterator is rewound to `initial_state`)."""
-  val_iter.set_state(initial_state)
-  sums = []
-  for _, batch in zip(range(num_batches), val_iter):
-    sums.append(eval_step(params, batch))
-  sums = jax.device_get(sums)
-  ce = float(sum(s['ce'] for s in sums))
-  tokens = float(sum(s['tokens'] for s in sums))
-  if not tokens:
-    raise TrainError('the validation split has no tokens; raise data.val_fraction or add files.')
-  val_loss = ce / tokens
-  return {'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 700.0)),
-          'val_tokens': int(tokens)}
-
-
 def sample_text(model_cfg, params, tokenizer, sample_cfg) -> str:
   """The prompt followed by a completion sampled from the model (flaxllm.generate)."""
   from flaxllm import generate as generate_lib  # pylint: disable=import-outside-toplevel
@@ -244,9 +280,13 @@ def sample_text(model_cfg, params, tokenizer, sample_cfg) -> str:
 
 # ----------------------------------------------------------------------------- the trainer
 
-def train(config, workdir: str) -> dict:
-  """Trains (or resumes) the run of `config` in `workdir`; returns a summary dict with
-  `step`, `complete`, `preempted`, the last `val_loss` / `val_ppl` and a `sample`."""
+def train(config, workdir: str, devices=None) -> dict:
+  """Trains (or resumes) the run of `config` in `workdir` on a mesh (`config.mesh`) over
+  `devices` (default: all); returns a summary dict with `step`, `complete`, `preempted`, the
+  last `val_loss` / `val_ppl` and a `sample`."""
+  from flaxllm import parallel  # pylint: disable=import-outside-toplevel
+  from flaxllm.distill import hooks as distill  # pylint: disable=import-outside-toplevel
+  from flaxllm.peft import finetune  # pylint: disable=import-outside-toplevel
   with contextlib.ExitStack() as closing:  # checkpoints, iterators, writers: closed on any exit
     # ---- 1. Workdir and config: a workdir with checkpoints only resumes its experiment -----
     config = config_lib.validate(config)
@@ -259,47 +299,83 @@ def train(config, workdir: str) -> dict:
     if resuming and stored is not None:
       config_lib.check_resume_compatible(stored, config, workdir)
 
-    # ---- 2. Tokenizer (kept in the workdir) ---------------------------------------------
+    # ---- 2. Tokenizer (kept in the workdir); a teacher must share it ----------------------
     tokenizer = workdir_tokenizer(workdir, config, reuse=resuming)
     try:
       tokenizer_lib.check_vocab(tokenizer, config.model.vocab_size)
     except ValueError as e:
       raise ConfigError(str(e)) from e
+    distill.check(config, tokenizer)
 
-    # ---- 3. Model, optimizer, steps -----------------------------------------------------
-    programs = build_programs(config)
+    # ---- 3. Mesh, model, optimizer, steps (every sharding checked before compiling) -------
+    mesh = parallel.make_mesh(config.mesh, devices)
+    rows = parallel.local_batch_slice(config.batch_size, mesh, config.parallel.rules)
+    programs = build_programs(config, mesh)
     model_cfg, train_step, eval_step = programs.model_cfg, programs.train_step, programs.eval_step
 
-    # ---- 4. State: resume from the workdir, or initialise ---------------------------------
+    # ---- 4. State: resume or initialise; the frozen trees (fine-tuning base, teacher) ------
     restored = checkpoints.restore_latest(programs.abstract_state) if resuming else None
+    frozen = {}
+    teacher = distill.frozen_teacher(config, mesh, programs.rules)
+    if teacher is not None:
+      frozen['teacher'] = teacher
+    state_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
+    trainable = None
+    if restored is None or programs.has_base:  # the base is rebuilt, never checkpointed
+      trainable, base = start_params(config, programs, teacher)
+      if base is not None:
+        frozen['base'] = base
     if restored is not None:
-      start_step, state, data_state = restored
+      start_step, state, saved_data = restored
       if start_step < config.total_steps:
-        print(f'Resuming {workdir} from step {start_step}.', flush=True)
+        print(f'Resuming {workdir} from step {start_step} on '
+              f'{parallel.describe_mesh(mesh)}.', flush=True)
       else:
         print(f'The run in {workdir} is already complete ({start_step}/{config.total_steps} '
               'steps; raise --config.total_steps to train on).', flush=True)
     else:
-      start_step, data_state = 0, None
-      state = programs.init(jax.random.PRNGKey(config.seed))
-      if config.init_from:
-        params = load_init_params(config.init_from, programs.abstract_state.params)
-        state = state.replace(params=params, opt_state=jax.jit(programs.tx.init)(params))
+      start_step, saved_data = 0, None
+      state = programs.init(trainable, state_rng)
+    del trainable
+    base_only = {k: v for k, v in frozen.items() if k == 'base'}
 
-    # ---- 5. Data: this process's share; the train iterator resumes where it stopped ---------
-    nproc = jax.process_count()
-    if config.batch_size % nproc:
-      raise ConfigError(f'batch_size={config.batch_size} is not divisible by the {nproc} '
-                        'processes; make it a multiple of the process count.')
-    data_kw = dict(seq_len=config.seq_len, batch_size=config.batch_size // nproc,
-                   process_index=jax.process_index(), process_count=nproc, seed=config.seed)
+    def model_params():
+      """The model's plain params now (adapters merged): export, samples, on-policy data."""
+      return programs.model_params(state.params, base_only)
+
+    # ---- 5. Data: this process's rows of the global batch; the iterators resume -----------
+    n_rows = rows.stop - rows.start
+    if config.data.process_sharding == 'global':  # every process reads the whole global batch
+      shard, num_shards, load_rows = 0, 1, config.batch_size
+    else:                                          # processes holding the same rows read alike
+      shard, num_shards, load_rows = rows.start // n_rows, config.batch_size // n_rows, n_rows
+    data_kw = dict(seq_len=config.seq_len, batch_size=load_rows, process_index=shard,
+                   process_count=num_shards, seed=config.seed)
     train_iter = data_pipeline.make_iterator(config.data, tokenizer, split='train', **data_kw)
     closing.callback(train_iter.close)
-    if data_state is not None:
-      train_iter.set_state(data_state)
+    if saved_data is not None:
+      train_iter.set_state(_data_state_of(saved_data, shard, num_shards, workdir))
     val_iter = data_pipeline.make_iterator(config.data, tokenizer, split='validation', **data_kw)
     closing.callback(val_iter.close)
     val_start = val_iter.get_state()
+    keep = slice(rows.start, rows.stop) if load_rows != n_rows else slice(None)
+    batch_hook = distill.batch_hook(  # offline teacher logits / on-policy student samples
+        config, tokenizer, rows=rows if jax.process_count() > 1 else slice(None))
+
+    def to_mesh(host_batch, step=None):
+      """This process's rows of a loaded batch, sharded over the mesh (`step`: the 0-based
+      update the batch feeds; None for validation)."""
+      local = {k: v[keep] for k, v in host_batch.items()}
+      if batch_hook is not None and step is not None:
+        local = batch_hook(step, local, model_params)
+      return parallel.shard_batch(local, mesh, programs.rules)
+
+    def validate() -> dict:
+      """Validation metrics on the first `eval_batches` batches (the same every time)."""
+      val_iter.set_state(val_start)
+      return evaluate(eval_step, state.params, frozen,
+                      (to_mesh(b) for _, b in zip(range(config.eval_batches), val_iter)))
+
     if is_main:  # everything checked: record the experiment, rewind metrics to the state
       _write_atomic(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
       metrics_lib.rewind_metrics(workdir, start_step)
@@ -310,8 +386,12 @@ def train(config, workdir: str) -> dict:
     flops_per_step = models.flops_per_token(model_cfg, config.seq_len) * tokens_per_step
     peak = config.peak_flops
     if not peak and start_step < total:
-      peak = metrics_lib.measure_peak_flops(model_cfg.dtype)
-      print(f'Measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({model_cfg.dtype}).', flush=True)
+      # One device's matmul peak times the mesh's devices (CPU devices share the host's cores:
+      # one measurement covers them all).
+      chips = 1 if mesh.devices.flat[0].platform == 'cpu' else mesh.devices.size
+      peak = metrics_lib.measure_peak_flops(model_cfg.dtype) * chips
+      print(f'Measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({model_cfg.dtype}, {chips} '
+            'device(s)).', flush=True)
     writer = metrics_lib.MetricsWriter(workdir, config, total_steps=total,
                                        start_step=start_step, is_main=is_main,
                                        use_wandb=start_step < total)
@@ -349,29 +429,28 @@ def train(config, workdir: str) -> dict:
         raise TrainError(f'the train state has NaN/inf values at step {step}; not saving it '
                          f'(last good checkpoint: step {last_saved}); lower optim.lr or set '
                          'skip_nonfinite_steps=True.')
-      checkpoints.save(step, state, train_iter.get_state())
+      checkpoints.save(step, state, _data_states(train_iter.get_state(), shard, num_shards))
       last_saved = step
 
     step = start_step
     with _Preemption() as preemption:
       while step < total and not preempted:
-        batch = next(train_iter)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, to_mesh(next(train_iter), step), frozen)
         pending.append(metrics)
         step += 1
         window[1] += 1
         if step == start_step + 1:  # the first step compiles: keep it out of tokens/s
           jax.block_until_ready(metrics)
           window[:] = [time.perf_counter(), 0]
-        preempted = preemption.flag.is_set()
+        if jax.process_count() == 1 or step % config.log_every == 0:  # hosts stop together
+          preempted = _any_process(preemption.flag.is_set())
         do_eval = step == total or (config.eval_every and step % config.eval_every == 0)
         do_ckpt = step == total or step % config.ckpt_every == 0 or preempted
         if step % config.log_every == 0 or do_eval or do_ckpt:
           flush(step)
         writer.advance(step)
         if do_eval:
-          last_eval = evaluate(eval_step, state.params, val_iter, val_start,
-                               config.eval_batches)
+          last_eval = validate()
           writer.write(step, last_eval, show=('loss', 'val_loss', 'val_ppl'))
           window[0] = time.perf_counter()
         if do_ckpt:
@@ -384,15 +463,86 @@ def train(config, workdir: str) -> dict:
 
     # ---- 7. The end: final evaluation, loss curve, exported model, sample -------------------
     if not last_eval:  # a completed run started again: evaluate once more, log nothing new
-      last_eval = evaluate(eval_step, state.params, val_iter, val_start, config.eval_batches)
+      last_eval = validate()
+    summary = {'step': step, 'complete': True, 'preempted': False, **last_eval}
+    exporting = start_step < total or not os.path.isdir(os.path.join(workdir, MODEL_DIR))
+    if not exporting and not config.sample.max_new_tokens:
+      return summary
+    params = model_params()
+    if jax.process_count() > 1:  # whole arrays on every host (export, sample)
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      params = multihost_utils.process_allgather(params, tiled=True)
     if is_main:
       metrics_lib.plot_losses(workdir)
-      if start_step < total or not os.path.isdir(os.path.join(workdir, MODEL_DIR)):
-        export_model(workdir, model_cfg, state.params)
-    summary = {'step': step, 'complete': True, 'preempted': False, **last_eval}
+      if exporting:
+        export_model(workdir, model_cfg, params)
+        finetune.export_adapter(workdir, config.finetune, model_cfg, state.params)
     if config.sample.max_new_tokens:
-      summary['sample'] = sample_text(model_cfg, state.params, tokenizer, config.sample)
+      summary['sample'] = sample_text(model_cfg, params, tokenizer, config.sample)
     return summary
+
+
+def start_params(config, programs: Programs, teacher=None):
+  """(trainable, frozen base or None) at step 0: the params of `config.init_from`, or a random
+  init (with distill.init_every, layers copied from the `teacher`), split by the fine-tuning
+  method. The base is the same every time, so checkpoints hold only the trainable tree."""
+  from flaxllm.distill import hooks as distill  # pylint: disable=import-outside-toplevel
+  params_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
+  if config.init_from:
+    params = load_init_params(config.init_from, programs.abstract_params)
+  else:
+    params = distill.init_student(config, programs.init_params(params_rng), teacher)
+  return programs.split(params, params_rng)
+
+
+def evaluate(eval_step, params, frozen, batches) -> dict:
+  """val_loss (mean CE per token), val_ppl and val_tokens over the sharded `batches` (an
+  iterable)."""
+  sums = jax.device_get([eval_step(params, batch, frozen) for batch in batches])
+  ce = float(sum(s['ce'] for s in sums))
+  tokens = float(sum(s['tokens'] for s in sums))
+  if not tokens:
+    raise TrainError('the validation split has no tokens; raise data.val_fraction or add files.')
+  val_loss = ce / tokens
+  return {'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 700.0)),
+          'val_tokens': int(tokens)}
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any (a SIGTERM reaches hosts at different
+  steps; all of them must save the same step)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def _data_states(local_state: dict, shard: int, num_shards: int) -> dict:
+  """What a checkpoint stores of the data: every shard's iterator state (gathered from all
+  processes), so that any process can resume its shard."""
+  states = {shard: local_state}
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    raw = np.frombuffer(json.dumps([shard, local_state]).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+    padded = np.zeros((size,), np.uint8)
+    padded[:raw.size] = raw
+    for row in np.asarray(multihost_utils.process_allgather(padded[None], tiled=True)):
+      s, state = json.loads(bytes(row).rstrip(b'\0').decode())
+      states[s] = state
+  return {'num_shards': num_shards, 'states': {str(k): v for k, v in sorted(states.items())}}
+
+
+def _data_state_of(saved: dict, shard: int, num_shards: int, workdir: str) -> dict:
+  """This process's iterator state in a checkpoint's data states (see `_data_states`)."""
+  if 'states' not in saved:  # a single-process checkpoint of an earlier version
+    saved = {'num_shards': 1, 'states': {'0': saved}}
+  if saved['num_shards'] != num_shards:
+    raise TrainError(
+        f'the checkpoints in {workdir} read the data in {saved["num_shards"]} shard(s), this run '
+        f'in {num_shards}; resume with the same processes and mesh, or (from the start) set '
+        "data.process_sharding='global'.")
+  return saved['states'][str(shard)]
 
 
 def export_model(workdir: str, model_cfg, params):
