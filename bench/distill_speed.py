@@ -121,6 +121,34 @@ def timing(steps, b, s, vocab=4096, chunk=64):
   return out
 
 
+def markdown(r) -> str:
+  g = aot.fmt_bytes
+  t = r['step_s']
+  lines = [
+      '# Distillation cost (CPU)', '',
+      f'Machine: {r["machine"]}; load average during the run {r["load_avg"][0]:.1f} (shared '
+      'machine: the three steps were timed in turns, so load hits them alike). Produced by '
+      '`python bench/distill_speed.py`.', '',
+      f'Student 2 x 128 (1.5M params), teacher 6 x 320 (10.1M), batch {r["batch"]} x '
+      f'{r["seq"]} tokens, vocabulary 4096, float32.', '',
+      '| step | ms/step | over plain |', '|---|---:|---:|',
+      f'| plain student (LM loss) | {1e3 * t["plain"]:.0f} | 1.00 |',
+      f'| distillation, chunks of 64 | {1e3 * t["distill"]:.0f} | '
+      f'{r["ratio_distill_over_plain"]:.2f} |',
+      f'| distillation, logits whole | {1e3 * t["distill_unchunked"]:.0f} | '
+      f'{r["ratio_unchunked_over_plain"]:.2f} |', '',
+      'Compiled memory per step (`compiled.memory_analysis()` through flaxllm.parallel.aot; '
+      'temporaries are where the [batch, seq, vocab] float32 logits live; arguments include '
+      'the teacher params, or the stored top-k logits for the offline teacher):', '',
+      '| vocab | variant | temporaries | arguments | total | GFLOP |',
+      '|---:|---|---:|---:|---:|---:|']
+  for m in r['memory']:
+    flops = f'{m["flops"] / 1e9:.1f}' if m.get('flops') else ''
+    lines.append(f'| {m["vocab"]} | {m["variant"]} | {g(m["temp_bytes"])} | '
+                 f'{g(m["argument_bytes"])} | {g(m["total_bytes"])} | {flops} |')
+  return '\n'.join(lines) + '\n'
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument('--steps', type=int, default=20)
@@ -144,6 +172,8 @@ def main(argv=None):
   os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
   with open(args.out + '.json', 'w') as f:
     json.dump(result, f, indent=2)
+  with open(args.out + '.md', 'w') as f:
+    f.write(markdown(result))
   print(json.dumps({k: v for k, v in result.items() if k != 'memory'}, indent=2))
 
 
