@@ -5,7 +5,8 @@ Units: N parameters, D tokens, C FLOPs (C = 6 N D), L validation loss in nats/to
 Approach 3, `fit_law`: L(N, D) = E + A / N^alpha + B / D^beta, fitted as in the paper's
 appendix D.2: the Huber loss (delta = 1e-3) between log L and
     log L_hat = logsumexp(a - alpha log N, b - beta log D, e),   A = e^a, B = e^b, E = e^e,
-minimised with L-BFGS from a grid of starting points, keeping the best. Bootstrap confidence
+minimised with L-BFGS(-B, in a wide box: `BOUNDS`) from a grid of starting points, keeping the
+best. Bootstrap confidence
 intervals refit resampled points (with replacement) from the best few solutions. Minimising L
 under C = 6 N D gives the closed form (`LawFit.optimal`):
     N_opt(C) = G (C/6)^(beta/(alpha+beta)),  D_opt(C) = G^-1 (C/6)^(alpha/(alpha+beta)),
@@ -37,6 +38,9 @@ HUBER_DELTA = 1e-3
 # the `starts` of them with the lowest objective.
 INIT_GRID = (np.arange(0, 2.01, 0.5), np.arange(0, 2.01, 0.5), np.arange(-1, 1.01, 0.5),
              np.arange(0, 26, 5.0), np.arange(0, 26, 5.0))
+# L-BFGS-B box for theta = (a, b, e, alpha, beta): wide enough for any sensible law (A, B up to
+# e^60, exponents up to 4), it keeps few-point fits from running off to A = inf or alpha < 0.
+BOUNDS = ((-10, 60), (-10, 60), (-10, 10), (0, 4), (0, 4))
 # The published fit (Hoffmann et al. 2022, eq. 10), used by the tests.
 CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
@@ -123,7 +127,7 @@ def _minimise(starts, log_n, log_d, log_l, delta):
   out = []
   for x0 in starts:
     res = optimize.minimize(_objective, x0, args=(log_n, log_d, log_l, delta), jac=True,
-                            method='L-BFGS-B',
+                            method='L-BFGS-B', bounds=BOUNDS,
                             options=dict(maxiter=2000, ftol=1e-15, gtol=1e-12))
     if np.all(np.isfinite(res.x)) and np.isfinite(res.fun):
       out.append((float(res.fun), res.x))
