@@ -247,6 +247,22 @@ def test_wandb_export_and_the_agents_command_line(tmp_path, monkeypatch):
                                                     'min': 1e-4, 'max': 1e-2}}
 
 
+def test_a_sweep_launches_on_a_tpu_vm_through_launch():
+  """`launch/tpu_vm.py run -- flaxllm sweep ...` runs the sweep command in the synced tree."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  module_spec = importlib.util.spec_from_file_location(
+      'tpu_vm', os.path.join(REPO, 'launch', 'tpu_vm.py'))
+  tpu_vm = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(tpu_vm)
+  sweep = ['flaxllm', 'sweep', '--config=experiments/scaling/sweep.py', '--workdir=runs/scaling']
+  args = tpu_vm.parse(['run', '--name=run1', '--zone=us-west4-a', '--detach', '--', *sweep])
+  (command,) = tpu_vm.plan(args)
+  assert command[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'run1']
+  remote = command[-1]
+  assert remote.startswith('--command=nohup bash -c ') and ' '.join(sweep) in remote
+  assert 'cd ~/flaxllm && flaxllm sweep' in remote
+
+
 # ----------------------------------------------------------------------------- fits
 
 LAW = fit_lib.LawFit(**fit_lib.CHINCHILLA)
