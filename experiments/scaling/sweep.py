@@ -1,31 +1,44 @@
 r"""A Chinchilla-style IsoFLOP sweep of tiny LLaMAs on the embedded corpus (2 CPU cores).
 
-    flaxllm sweep --config=experiments/scaling/sweep.py --workdir=runs/scaling
-    flaxllm scaling fit --sweep-dir=runs/scaling --target-flops=1e15 \
+    flaxllm sweep --config=experiments/scaling/sweep.py --workdir=runs/scaling --workers=2 \
+        --config.wandb.mode=disabled
+    flaxllm scaling fit --sweep-dir=runs/scaling --target-flops=1e14 \
         --plots-dir=experiments/scaling
     flaxllm scaling table --sweep-dir=runs/scaling
 
-3 compute budgets x 4 model sizes: LLaMA decoders (RMSNorm, SwiGLU, RoPE, untied head) of
-15k-450k non-embedding parameters (29k-516k with the 259-token byte vocabulary's embedding and
-head), shaped by `shape_for_params` at width/depth ~32 with 16-dim heads, trained on the Python
+3 compute budgets x 4 model sizes (the largest model gets only 41 steps of the smallest budget):
+LLaMA decoders (RMSNorm, SwiGLU, RoPE, untied head) of 3.4k-155k non-embedding parameters
+(12k-197k with the 259-token byte vocabulary's embedding and head), shaped by `shape_for_params` at width/depth ~32 with 16-dim heads, trained on the Python
 standard library's source (byte tokens, 128-token rows, 16 rows a step) for D = C / (6N)
 tokens each, with a cosine schedule that ends at that token count. Results and the fit are in
 experiments/scaling/README.md.
 
 Variants (after the colon):
-    budgets=(3e11,1e12,2e12)   compute budgets C in FLOPs (C = 6 N D, N with embeddings)
-    sizes=(1.5e4,5e4,1.5e5,4.5e5)   target non-embedding parameter counts
+    budgets=1e11/3e11/1e12     compute budgets C in FLOPs (C = 6 N D, N with embeddings)
+    sizes=5e3/1.5e4/5e4/1.5e5  target non-embedding parameter counts
     quick                      2 budgets x 3 sizes of a few seconds each (smoke test)
 """
 from flaxllm.config import base_config, parse_arg
+from flaxllm.models.config import ConfigError
 from flaxllm.sweeps import spec
 
-BUDGETS = (3e11, 1e12, 2e12)
-SIZES = (1.5e4, 5e4, 1.5e5, 4.5e5)
+BUDGETS = (1e11, 3e11, 1e12)
+SIZES = (5e3, 1.5e4, 5e4, 1.5e5)
+
+
+def _numbers(text: str, default, what: str):
+  """'1e11/3e11' -> (1e11, 3e11) ('/' since ',' separates variants)."""
+  try:
+    return tuple(float(x) for x in text.split('/')) if text else default
+  except ValueError as e:
+    raise ConfigError(f'{what}={text!r} is not a list of numbers; write e.g. {what}=1e11/3e11.') \
+        from e
 
 
 def _arg(arg):
-  return parse_arg(arg, budgets=BUDGETS, sizes=SIZES, quick=False)
+  a = parse_arg(arg, budgets='', sizes='', quick=False)
+  return dict(budgets=_numbers(a.budgets, BUDGETS, 'budgets'),
+              sizes=_numbers(a.sizes, SIZES, 'sizes'), quick=a.quick)
 
 
 def get_config(arg=None):
@@ -57,6 +70,6 @@ def get_sweep(arg=None):
   """Overrides of the 12 points: model shape, steps, warmup, eval and checkpoint cadence."""
   a = _arg(arg)
   config = get_config(arg)
-  if a.quick:
+  if a['quick']:
     return spec.isoflop(config, budgets=(4e10, 8e10), sizes=(1.5e4, 5e4, 1.5e5), min_steps=10)
-  return spec.isoflop(config, budgets=a.budgets, sizes=a.sizes, min_steps=40)
+  return spec.isoflop(config, budgets=a['budgets'], sizes=a['sizes'], min_steps=40)
