@@ -112,8 +112,9 @@ def test_adapter_for_another_base_model(tmp_path):
                            r'\(4, 96\): the adapter was made for a different base model'):
     peft_io.load_adapter(str(tmp_path / 'adapter'), other)
   fewer = models.presets.get('tiny_llama', num_layers=1)
-  with pytest.raises(peft_io.PeftInteropError, match=r"names module 'model\.layers\.1\..*the adapter was made for "
-                                                    'a different base model'):
+  with pytest.raises(peft_io.PeftInteropError,
+                     match=r"names module 'model\.layers\.1\..*the adapter was made for "
+                           'a different base model'):
     peft_io.load_adapter(str(tmp_path / 'adapter'), fewer)
   gpt2 = models.presets.get('tiny_gpt2')
   with pytest.raises(peft_io.PeftInteropError, match='LLaMA/Mistral'):

@@ -26,8 +26,9 @@ Alpaca template (Taori et al. 2023), the default for ``format='alpaca'``; a cust
 
 Chat (``format='chat'``, records ``{'messages': [{'role': 'system'|'user'|'assistant',
 'content': ...}, ...]}`` as in GPT4All / ShareGPT-style JSONL): each turn is rendered with a
-per-turn template containing ``{role}`` and ``{content}`` (default ``'### {Role}:\\n{content}\\n\\n'``);
-assistant contents, each followed by EOS, are trained on; everything else is context.
+per-turn template containing ``{role}`` and ``{content}`` (default
+``'### {Role}:\\n{content}\\n\\n'``); assistant contents, each followed by EOS, are trained
+on; everything else is context.
 
 Records are split into train/validation by a hash of their content (``data.val_fraction``),
 so the split is stable when files are appended to.
@@ -74,21 +75,25 @@ def alpaca_prompt(record: Mapping[str, Any], template: str = "") -> str:
   """The prompt of an Alpaca record (everything before the response)."""
   if not isinstance(record, Mapping) or "instruction" not in record or "output" not in record:
     keys = sorted(record) if isinstance(record, Mapping) else type(record).__name__
-    raise InstructionDataError(f"an Alpaca record needs 'instruction' and 'output' (and an optional 'input') but has {keys}; fix the data or use data.format='chat'.")
+    raise InstructionDataError("an Alpaca record needs 'instruction' and 'output' (and an "
+                               f"optional 'input') but has {keys}; fix the data or use "
+                               "data.format='chat'.")
   fields = {"instruction": _text(record, "instruction"), "input": _text(record, "input")}
   if not template:
     template = ALPACA_PROMPT if fields["input"].strip() else ALPACA_PROMPT_NO_INPUT
   try:
     return template.format(**fields)
   except (KeyError, IndexError, ValueError) as e:
-    raise InstructionDataError(f"data.template {template!r} cannot be filled ({e!r}); use only the fields {{instruction}} and {{input}}.") from None
+    raise InstructionDataError(f"data.template {template!r} cannot be filled ({e!r}); use only "
+                               f"the fields {{instruction}} and {{input}}.") from None
 
 
 def _encode(tokenizer, text: str) -> list[int]:
   return list(tokenizer.encode(text)) if text else []
 
 
-def alpaca_document(tokenizer, record: Any, text_key: str = "text", template: str = "") -> dict[str, np.ndarray]:
+def alpaca_document(tokenizer, record: Any,
+                    text_key: str = "text", template: str = "") -> dict[str, np.ndarray]:
   """``data.format='alpaca'``: BOS + prompt (mask 0) + output + EOS (mask 1)."""
   del text_key
   record = _as_record(record)
@@ -99,21 +104,25 @@ def alpaca_document(tokenizer, record: Any, text_key: str = "text", template: st
   return {"tokens": np.asarray(tokens, np.int32), "loss_mask": np.asarray(mask, np.float32)}
 
 
-def chat_document(tokenizer, record: Any, text_key: str = "text", template: str = "") -> dict[str, np.ndarray]:
+def chat_document(tokenizer, record: Any,
+                  text_key: str = "text", template: str = "") -> dict[str, np.ndarray]:
   """``data.format='chat'``: turns rendered with the per-turn template; assistant contents
   (each followed by EOS) have mask 1, everything else 0."""
   del text_key
   record = _as_record(record)
   messages = record.get("messages") if isinstance(record, Mapping) else None
   if not isinstance(messages, Sequence) or not messages:
-    raise InstructionDataError("a chat record needs a non-empty 'messages' list of {'role', 'content'} dicts; fix the data or use data.format='alpaca'.")
+    raise InstructionDataError("a chat record needs a non-empty 'messages' list of {'role', "
+                               "'content'} dicts; fix the data or use data.format='alpaca'.")
   template = template or CHAT_TURN
   if template.count("{content}") != 1:
-    raise InstructionDataError(f"the chat template {template!r} must contain {{content}} exactly once (and optionally {{role}} / {{Role}}).")
+    raise InstructionDataError(f"the chat template {template!r} must contain {{content}} exactly "
+                               f"once (and optionally {{role}} / {{Role}}).")
   head, tail = template.split("{content}")
   tokens, mask = [tokenizer.bos_id], [0.0]
   if not any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages):
-    raise InstructionDataError("a chat record has no 'assistant' message, so nothing would be trained on; drop it or add the response.")
+    raise InstructionDataError("a chat record has no 'assistant' message, so nothing would be "
+                               "trained on; drop it or add the response.")
   for m in messages:
     role = m.get("role") if isinstance(m, Mapping) else None
     if role not in ROLES:
@@ -145,7 +154,8 @@ def _as_record(record: Any) -> Mapping[str, Any]:
     try:
       record = json.loads(record)
     except json.JSONDecodeError as e:
-      raise InstructionDataError(f"an instruction record is not valid JSON ({e}); write one JSON object per line.") from None
+      raise InstructionDataError(f"an instruction record is not valid JSON ({e}); write one JSON "
+                                 "object per line.") from None
   return record
 
 
@@ -162,7 +172,8 @@ def _files(path: str, pattern: str | None = None) -> list[str]:
     found = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
   found = [f for f in found if os.path.isfile(f)]
   if not found:
-    raise InstructionDataError(f"no instruction data files at {path!r}; point data.path at a .json or .jsonl file, a directory of them, or a glob.")
+    raise InstructionDataError(f"no instruction data files at {path!r}; point data.path at a "
+                               ".json or .jsonl file, a directory of them, or a glob.")
   return found
 
 
@@ -185,10 +196,12 @@ def read_records(path: str, pattern: str | None = None) -> list[dict]:
           try:
             items.append(json.loads(line))
           except json.JSONDecodeError as e:
-            raise InstructionDataError(f"{f} line {n} is not valid JSON ({e}); write one JSON object per line.") from None
+            raise InstructionDataError(f"{f} line {n} is not valid JSON ({e}); write one JSON "
+                                       "object per line.") from None
     for item in items:
       if not isinstance(item, Mapping):
-        raise InstructionDataError(f"{f} holds a {type(item).__name__} where a JSON object (one record) was expected.")
+        raise InstructionDataError(f"{f} holds a {type(item).__name__} where a JSON object (one "
+                                   "record) was expected.")
       records.append(dict(item))
   return records
 
@@ -197,12 +210,14 @@ def open_split(data_config: Any, split: str):
   """``data.source='jsonl'``: (records of ``split``, identity) like ``corpus.open_split``."""
   path = cfg_get(data_config, "path", "")
   if not path:
-    raise InstructionDataError("data.source='jsonl' needs data.path (a .json/.jsonl file, a directory or a glob).")
+    raise InstructionDataError("data.source='jsonl' needs data.path (a .json/.jsonl file, a "
+                               "directory or a glob).")
   records = read_records(path, cfg_get(data_config, "glob", None))
   val_fraction = float(cfg_get(data_config, "val_fraction", 0.02))
   keyed = [(json.dumps(r, sort_keys=True), r) for r in records]
   chosen = [r for key, r in keyed if split_of(key, val_fraction) == split]
   if split not in ("train", "validation"):
-    raise InstructionDataError(f"instruction data has the splits 'train' and 'validation', not {split!r}.")
+    raise InstructionDataError("instruction data has the splits 'train' and 'validation', not "
+                               f"{split!r}.")
   digest = hashlib.sha256("\n".join(k for k, _ in keyed).encode()).hexdigest()[:12]
   return chosen, f"jsonl:{os.path.basename(os.path.normpath(path))}:{digest}/{split}"

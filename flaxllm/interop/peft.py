@@ -1,6 +1,6 @@
 """LoRA adapters in Hugging Face PEFT format, both ways, and merged exports.
 
-    save_adapter(cfg, adapters, 'out/adapter')      # adapter_config.json + adapter_model.safetensors
+    save_adapter(cfg, adapters, 'out/adapter')   # adapter_config.json + adapter_model.safetensors
     adapters = load_adapter('out/adapter', cfg)     # back to a flaxllm.lora adapters tree
     save_merged(cfg, params, adapters, 'out/hf')    # W0 + scale*BA as a full HF checkpoint
 
