@@ -1,19 +1,19 @@
 r"""Knowledge distillation on the default corpus: does a small student gain from a teacher?
 
 The teacher is the default model (configs/default.py: 6 layers, d_model 320, 10.1M params)
-trained for 600 steps (the `make train` job's 200 steps give a teacher that is WORSE on
-validation than the small student; see README.md). The students are one small size (2 layers,
-d_model 128, 1.5M params, the teacher's 4096-token tokenizer), trained for the same 200 steps
-of 8 x 128 tokens, same data order and optimizer:
+trained for 400 steps of 8 x 128 tokens. The students are one small size (2 layers, d_model
+128, 1.5M params, the teacher's 4096-token tokenizer), trained for the same 200 steps of 8 x 128
+tokens, same data order and optimizer (results in README.md):
 
-    flaxllm train --config=configs/default.py:steps=600 --workdir=runs/distill/teacher600
+    flaxllm train --config=configs/default.py:steps=400 --workdir=runs/distill/teacher400
     flaxllm train --config=experiments/distill/config.py:role=scratch --workdir=runs/distill/scratch
-    flaxllm train --config=experiments/distill/config.py:role=distill --workdir=runs/distill/kd600
+    flaxllm train --config=experiments/distill/config.py:role=distill --workdir=runs/distill/kd
     python experiments/distill/report.py      # table + experiments/distill/val_ppl.png
 
-With the 200-step teacher (flaxllm train --config=configs/default.py --workdir=runs/distill/teacher):
-    flaxllm train --config=experiments/distill/config.py:role=distill,teacher=runs/distill/teacher \
-        --workdir=runs/distill/kd
+Another teacher: teacher=DIR after the colon, e.g.
+    flaxllm train --config=configs/default.py:steps=600 --workdir=runs/distill/teacher600
+    flaxllm train --config=experiments/distill/config.py:role=distill,teacher=runs/distill/teacher600 \
+        --workdir=runs/distill/kd600
 
 Other recipes of flaxllm.distill on the same student:
     ...:role=distill,alpha=0.9,temperature=2     loss weights / temperature
@@ -23,7 +23,7 @@ Other recipes of flaxllm.distill on the same student:
         --top-k=64 --out=runs/distill/teacher_top64
     ...:role=offline                              trains from those stored top-64 logits
 
-Variants: role=scratch|distill|onpolicy|offline, teacher=DIR (default runs/distill/teacher600),
+Variants: role=scratch|distill|onpolicy|offline, teacher=DIR (default runs/distill/teacher400),
 alpha, temperature, divergence, beta, top_k, steps, layers, width, on_policy, offline=DIR.
 """
 import os
@@ -43,7 +43,7 @@ def _default_config():
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, role='distill', teacher='runs/distill/teacher600', alpha=0.5,
+  arg = parse_arg(arg, role='distill', teacher='runs/distill/teacher400', alpha=0.5,
                   temperature=1.0, divergence='forward_kl', beta=0.5, top_k=0, steps=200,
                   layers=2, width=128, on_policy=0.25, offline='runs/distill/teacher_top64')
   config = _default_config()

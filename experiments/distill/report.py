@@ -11,8 +11,9 @@ import math
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_RUNS = [('teacher (6x320, 10.1M)', 'teacher'), ('student from scratch', 'scratch'),
-                ('student distilled', 'kd')]
+DEFAULT_RUNS = [('teacher (6x320, 10.1M, 400 steps)', 'teacher400'),
+                ('student from scratch (2x128, 1.5M)', 'scratch'),
+                ('student distilled (2x128, 1.5M)', 'kd')]
 
 
 def evals(workdir):
