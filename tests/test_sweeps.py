@@ -320,6 +320,19 @@ def test_approach2_isoflop_parabolas_find_the_optimum_exponent():
   iso = fit_lib.fit_isoflop(budgets, n, d, LAW.loss(np.array(n), np.array(d)))
   assert abs(iso.a - LAW.a) < 0.02 and abs(iso.b - LAW.b) < 0.02
   assert iso.optimal(1e20)[0] == pytest.approx(LAW.optimal(1e20)[0], rel=0.1)
+  assert iso.inside == [True] * 4
+
+  # A budget whose sizes are all above its optimum: its vertex is an extrapolation, reported but
+  # left out of the power law; with fewer than 2 budgets left it is one sentence.
+  sizes = LAW.optimal(1e17)[0] * np.geomspace(4, 64, 5)
+  more = (budgets + [1e17] * 5, n + list(sizes), d + list(1e17 / (6 * sizes)))
+  iso2 = fit_lib.fit_isoflop(*more, LAW.loss(np.array(more[1]), np.array(more[2])))
+  assert iso2.inside == [False, True, True, True, True] and iso2.a == pytest.approx(iso.a)
+  two = [i for i, c in enumerate(more[0]) if c in (1e17, 1e18)]
+  with pytest.raises(ConfigError, match=r'loss minimum inside the model sizes of at least 2 '
+                                        r'budgets; at C = 1e\+17 it lies outside'):
+    fit_lib.fit_isoflop(*([x[i] for i in two] for x in more),
+                        LAW.loss(np.array(more[1])[two], np.array(more[2])[two]))
 
 
 def test_too_few_points_to_fit_is_one_sentence():

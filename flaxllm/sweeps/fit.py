@@ -14,7 +14,9 @@ under C = 6 N D gives the closed form (`LawFit.optimal`):
 
 Approach 2, `fit_isoflop`: for each compute budget a parabola of L against log N (and against
 log D) whose vertex is that budget's N_opt (D_opt); then N_opt = k_N C^a and D_opt = k_D C^b by
-least squares in log-log.
+least squares in log-log, over the budgets whose vertex lies within their sampled model sizes
+(a vertex outside them is an extrapolation: that budget is reported, and left out of the power
+law).
 """
 from __future__ import annotations
 
@@ -216,6 +218,7 @@ class IsoFlopFit:
   k_n: float
   b: float
   k_d: float
+  inside: list = dataclasses.field(default_factory=list)   # per budget: vertex within its sizes
 
   def optimal(self, flops):
     c = np.asarray(flops, float)
@@ -223,7 +226,7 @@ class IsoFlopFit:
 
   def summary(self) -> dict:
     return {k: getattr(self, k) for k in ('a', 'k_n', 'b', 'k_d', 'budgets', 'n_opt', 'd_opt',
-                                          'loss_opt')}
+                                          'loss_opt', 'inside')}
 
 
 def _vertex(x, y, what: str, budget: float):
@@ -250,9 +253,18 @@ def fit_isoflop(budget: Sequence[float], n: Sequence[float], d: Sequence[float],
   for c, i in sorted(groups.items()):
     xn, l_opt, parabola = _vertex(np.log(n[i]), loss[i], 'log N', c)
     xd, _, _ = _vertex(np.log(d[i]), loss[i], 'log D', c)
-    rows.append((c, math.exp(xn), math.exp(xd), l_opt, parabola))
-  cs, n_opt, d_opt, l_opt, parabolas = map(list, zip(*rows))
-  a, log_kn = np.polyfit(np.log(cs), np.log(n_opt), 1)
-  b, log_kd = np.polyfit(np.log(cs), np.log(d_opt), 1)
+    inside = bool(n[i].min() <= math.exp(xn) <= n[i].max())
+    rows.append((c, math.exp(xn), math.exp(xd), l_opt, parabola, inside))
+  cs, n_opt, d_opt, l_opt, parabolas, inside = map(list, zip(*rows))
+  if sum(inside) < 2:
+    outside = ', '.join(f'{c:.3g}' for c, ok in zip(cs, inside) if not ok)
+    raise ConfigError(
+        f'IsoFLOP fits need the loss minimum inside the model sizes of at least 2 budgets; at C = '
+        f'{outside} it lies outside them (extrapolated); add model sizes on the side of the '
+        'minimum.')
+  use = np.array(inside)
+  a, log_kn = np.polyfit(np.log(cs)[use], np.log(n_opt)[use], 1)
+  b, log_kd = np.polyfit(np.log(cs)[use], np.log(d_opt)[use], 1)
   return IsoFlopFit(budgets=cs, n_opt=n_opt, d_opt=d_opt, loss_opt=l_opt, parabolas=parabolas,
-                    a=float(a), k_n=math.exp(log_kn), b=float(b), k_d=math.exp(log_kd))
+                    a=float(a), k_n=math.exp(log_kn), b=float(b), k_d=math.exp(log_kd),
+                    inside=inside)

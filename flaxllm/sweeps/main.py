@@ -152,9 +152,12 @@ def format_fit(result: dict) -> str:
   if iso is not None:
     n2, d2 = iso.optimal(target)
     lines += [f'Approach 2: IsoFLOP parabolas ({len(iso.budgets)} budgets, C = {s["flops"]})',
-              *[f'  C = {c:.3g}: N_opt = {human(n)}, D_opt = {human(d)}, loss {l:.4f}'
-                for c, n, d, l in zip(iso.budgets, iso.n_opt, iso.d_opt, iso.loss_opt)],
-              f'  N_opt ∝ C^{iso.a:.3f},  D_opt ∝ C^{iso.b:.3f}',
+              *[f'  C = {c:.3g}: N_opt = {human(n)}, D_opt = {human(d)}, loss {l:.4f}' +
+                ('' if ok else '  (outside the sizes of this budget: not in the power law)')
+                for c, n, d, l, ok in zip(iso.budgets, iso.n_opt, iso.d_opt, iso.loss_opt,
+                                          iso.inside)],
+              f'  N_opt ∝ C^{iso.a:.3f},  D_opt ∝ C^{iso.b:.3f} '
+              f'(from {sum(iso.inside)} budgets)',
               f'  at C = {target:.3g}: N_opt = {n2:.3g}, D_opt = {d2:.3g} tokens']
   else:
     lines.append(f'Approach 2: not fitted: {result["isoflop_error"]}')

@@ -50,8 +50,9 @@ def plot_isoflop(result: dict, path: str) -> str:
       c2, c1, c0 = iso.parabolas[k]
       x = np.log(grid)
       ax.plot(grid, c2 * x ** 2 + c1 * x + c0, '-', color=color, lw=1.5)
-      ax.scatter([iso.n_opt[k]], [iso.loss_opt[k]], marker='*', s=140, color=color,
-                 edgecolor='k', zorder=4)
+      if iso.inside[k]:   # a vertex outside the sizes is an extrapolation: not drawn
+        ax.scatter([iso.n_opt[k]], [iso.loss_opt[k]], marker='*', s=140, color=color,
+                   edgecolor='k', zorder=4)
   ax.set_xscale('log')
   ax.set_xlabel(f'parameters N ({result["settings"]["params"]})')
   ax.set_ylabel(f'{result["settings"]["loss"]} validation loss (nats/token)')
@@ -105,7 +106,9 @@ def plot_optimal(result: dict, path: str) -> str:
     if iso is not None:
       points = iso.n_opt if idx == 0 else iso.d_opt
       exp2 = iso.a if idx == 0 else iso.b
-      ax.scatter(iso.budgets, points, color='C1', zorder=3, label='IsoFLOP optima')
+      ok = np.array(iso.inside)
+      ax.scatter(np.array(iso.budgets)[ok], np.array(points)[ok], color='C1', zorder=3,
+                 label='IsoFLOP optima (within the sizes)')
       ax.plot(grid, iso.optimal(grid)[idx], 'C1--', label=f'approach 2: ∝ C^{exp2:.2f}')
     ax.axvline(target, color='gray', lw=0.8, ls=':')
     ax.scatter([target], [law.optimal(target)[idx]], marker='*', s=150, color='C0',
