@@ -2,7 +2,7 @@ r"""A Chinchilla-style IsoFLOP sweep of tiny LLaMAs on the embedded corpus (2 CP
 
     flaxllm sweep --config=experiments/scaling/sweep.py --workdir=runs/scaling --workers=2 \
         --config.wandb.mode=disabled
-    flaxllm scaling fit --sweep-dir=runs/scaling --target-flops=1e14 \
+    flaxllm scaling fit --sweep-dir=runs/scaling --target-flops=1e13 \
         --plots-dir=experiments/scaling
     flaxllm scaling table --sweep-dir=runs/scaling
 
