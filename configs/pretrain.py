@@ -10,13 +10,20 @@ bf16 compute with float32 params, scanned and rematerialised layers, cosine deca
 
 Variants (after the colon, comma-separated):
     size=tiny|125m|350m|1b   model size (tiny: 2 layers, the stdlib corpus, runs on CPU)
+    size=<preset>            a published architecture of flaxllm.models.presets with its own
+                             vocabulary (e.g. llama3_8b, llama3.2_1b): seq 2048, batch 256;
+                             bring its tokenizer with --config.tokenizer.model_path
     data=c4|lm1b|stdlib      c4 = 'c4/en:3.1.0', lm1b = 'lm1b' (TFDS), stdlib = embedded corpus
     steps=N                  total steps (default by size)
     batch=N                  global batch in sequences (default by size)
 e.g. a CPU smoke test of the whole recipe:
     flaxllm train --config=configs/pretrain.py:size=tiny,data=stdlib --workdir=runs/pretrain_tiny
+and whether Llama 3 8B fits 64 chips of 16 GiB, compiled (not run) for 64 fake CPU devices:
+    flaxllm compile --config=configs/pretrain.py:size=llama3_8b --devices=64 \
+        --config.batch_size=64 --budget=16GiB
 """
 from flaxllm.config import base_config, parse_arg
+from flaxllm.models import presets
 
 #            d_model layers heads kv  mlp    seq   batch  steps   lr
 SIZES = {
@@ -30,18 +37,22 @@ DATA = {'c4': 'c4/en:3.1.0', 'lm1b': 'lm1b'}
 
 def get_config(arg=None):
   arg = parse_arg(arg, size='tiny', data='stdlib', steps=0, batch=0)
-  if arg.size not in SIZES:
-    raise ValueError(f'unknown size {arg.size!r}; use one of {sorted(SIZES)}.')
+  if arg.size not in SIZES and arg.size not in presets.PRESETS:
+    raise ValueError(f'unknown size {arg.size!r}; use one of {sorted(SIZES)} or a model preset '
+                     f'({", ".join(sorted(presets.PRESETS))}).')
   if arg.data not in (*DATA, 'stdlib'):
     raise ValueError(f"unknown data {arg.data!r}; use one of {sorted(DATA) + ['stdlib']}.")
-  d, layers, heads, kv, mlp, seq, batch, steps, lr = SIZES[arg.size]
   tiny = arg.size == 'tiny'
   config = base_config()
-
   m = config.model
-  m.update(arch='decoder', vocab_size=4096 if tiny else 32000, d_model=d, num_layers=layers,
-           num_heads=heads, num_kv_heads=kv, mlp_dim=mlp, max_seq_len=seq,
-           mlp_activation='swiglu', norm='rmsnorm', position='rope', tie_embeddings=False)
+  if arg.size in SIZES:
+    d, layers, heads, kv, mlp, seq, batch, steps, lr = SIZES[arg.size]
+    m.update(arch='decoder', vocab_size=4096 if tiny else 32000, d_model=d, num_layers=layers,
+             num_heads=heads, num_kv_heads=kv, mlp_dim=mlp, max_seq_len=seq,
+             mlp_activation='swiglu', norm='rmsnorm', position='rope', tie_embeddings=False)
+  else:
+    seq, batch, steps, lr = 2048, 256, 60_000, 3e-4
+    m.update(presets.get(arg.size, max_seq_len=seq).to_dict())
   m.dtype = 'float32' if tiny else 'bfloat16'   # compute; params stay float32
   m.scan_layers = not tiny
   m.remat = 'none' if tiny else 'full'

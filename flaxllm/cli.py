@@ -4,6 +4,7 @@
   flaxllm eval      --workdir=runs/default [--step=N]
   flaxllm generate  --model=DIR --prompt="def " [--max-new-tokens=64 --temperature=0.8 ...]
   flaxllm convert   --from-hf=DIR --to=DIR   |   --from=DIR --to-hf=DIR
+  flaxllm compile   --config=SPEC [--devices=64 | --target=tpu:v5e:8x8] [--budget=16GiB]
   flaxllm sweep     --config=experiments/scaling/sweep.py --workdir=runs/scaling [--workers=2]
                     | --config=SWEEP.py --export-wandb=sweep.yaml [--method=grid|random|bayes]
   flaxllm scaling   fit --sweep-dir=runs/scaling [--target-flops=1e15]  |  table --sweep-dir=...
@@ -20,6 +21,7 @@ COMMANDS = {
     'eval': ('flaxllm.train', 'eval_main'),
     'generate': ('flaxllm.generate', 'generate_main'),
     'convert': ('flaxllm.interop.hf', 'convert_main'),
+    'compile': ('flaxllm.parallel.aot', 'main'),
     'sweep': ('flaxllm.sweeps.main', 'sweep_main'),
     'scaling': ('flaxllm.sweeps.main', 'scaling_main'),
     'distill-data': ('flaxllm.distill.cli', 'main'),

@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from flaxllm import models, parallel
-from flaxllm.parallel import aot, distributed, rules as rules_lib, selftest
+from flaxllm.parallel import aot, distributed, rules as rules_lib
 from flaxllm.parallel.mesh import MeshError, mesh_shape
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -228,54 +228,102 @@ def test_coordinator_that_never_answers_times_out():
 
 
 # ----------------------------------------------------------------------------- equivalence
+# The trainer itself (flaxllm.train.trainer.train) on each mesh: a GQA LLaMA (4 heads, 2 kv
+# heads, d_model 64) on the stdlib corpus, 5 steps of 8 x 16 tokens; every process reads the
+# whole global batch (data.process_sharding='global'), so the data is the same everywhere.
 
-MESHES = [{'data': 8}, {'data': 2, 'fsdp': 4}, {'data': 2, 'fsdp': 2, 'tensor': 2}]
+MESHES = [({'data': 8}, 'dp'), ({'data': 2, 'fsdp': 4}, 'fsdp'),
+          ({'data': 2, 'fsdp': 2, 'tensor': 2}, 'fsdp_tp')]
+TRAIN = ['--config.model.vocab_size=264', '--config.model.num_heads=4',
+         '--config.model.num_kv_heads=2', '--config.model.d_model=64', '--config.model.mlp_dim=128',
+         '--config.seq_len=16', '--config.eval_every=0', '--config.ckpt_every=2',
+         '--config.sample.max_new_tokens=0', '--config.data.process_sharding=global',
+         '--config.eval_batches=1']
+TRAIN_SPEC = f'{ROOT}/configs/default.py:size=tiny,steps=5'
+
+
+def _mesh_flags(mesh_cfg, preset):
+  sizes = {'data': 1, 'fsdp': 1, 'tensor': 1, **mesh_cfg}
+  return [f'--config.mesh.{k}={v}' for k, v in sizes.items()] + [
+      f'--config.parallel.rules={preset}']
+
+
+def _train(workdir, mesh_cfg, preset, devices=None):
+  from flaxllm import config as config_lib
+  from flaxllm.train import trainer
+  config = config_lib.load_config(TRAIN_SPEC, TRAIN + _mesh_flags(mesh_cfg, preset))
+  summary = trainer.train(config, str(workdir), devices=devices)
+  return _losses(workdir), summary
+
+
+def _losses(workdir):
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return [r['loss'] for r in rows if 'loss' in r]
 
 
 @pytest.fixture(scope='module')
-def reference_run():
-  return selftest.run(one_device_mesh(), 'fsdp', steps=5)
+def reference_run(tmp_path_factory):
+  """The run on one device."""
+  workdir = tmp_path_factory.mktemp('one_device')
+  losses, summary = _train(workdir, {'fsdp': 1}, 'fsdp', devices=jax.devices()[:1])
+  assert len(losses) == 5
+  return {'losses': losses, 'summary': summary}
 
 
 @pytest.fixture(scope='module')
 def run_222(tmp_path_factory):
-  """5 steps on (data=2, fsdp=2, tensor=2) under fsdp_tp, saving a checkpoint at step 2."""
-  import orbax.checkpoint as ocp
-  ckpt = tmp_path_factory.mktemp('ckpt') / 'step2'
-
-  def save(step, state):
-    if step == 2:
-      with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(ckpt, state)
-        ckptr.wait_until_finished()
-
-  mesh = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
-  return {**selftest.run(mesh, 'fsdp_tp', steps=5, on_step=save), 'ckpt': ckpt, 'mesh': mesh}
+  """The run on (data=2, fsdp=2, tensor=2) under fsdp_tp; checkpoints at steps 2, 4, 5."""
+  workdir = tmp_path_factory.mktemp('mesh_222')
+  losses, summary = _train(workdir, *MESHES[2])
+  return {'losses': losses, 'summary': summary, 'workdir': workdir}
 
 
-def _check_sharded_state(state, mesh, preset):
-  q = state['params']['decoder']['layers_0']['attn']['q_proj']['kernel']
-  mu = state['opt_state'][0].mu['decoder']['layers_0']['attn']['q_proj']['kernel']
+def _check_sharded_state(programs, preset):
+  state, mesh = programs.abstract_state, programs.mesh
+  q = state.params['decoder']['layers_0']['attn']['q_proj']['kernel']
+  mus = [x for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, 'mu'))
+         if hasattr(x, 'mu')]
+  mu = mus[0].mu['decoder']['layers_0']['attn']['q_proj']['kernel']
   expected = rules_lib.logical_to_mesh_spec(('embed', 'heads', 'head_dim'), preset)
   assert q.sharding.spec == expected and mu.sharding.spec == expected
-  assert state['step'].sharding.spec == P()
-  shard = q.addressable_shards[0].data.shape
+  assert state.step.sharding.spec == P()
   split = lambda axis: mesh.shape[axis] if axis in expected else 1
-  assert shard == (64 // split('fsdp'), 4 // split('tensor'), 16)
+  assert q.sharding.shard_shape(q.shape) == (64 // split('fsdp'), 4 // split('tensor'), 16)
 
 
-@pytest.mark.parametrize('mesh_cfg,preset', [(MESHES[0], 'dp'), (MESHES[1], 'fsdp')],
-                         ids=lambda x: str(x))
-def test_sharded_training_matches_one_device(reference_run, mesh_cfg, preset):
-  mesh = parallel.make_mesh(mesh_cfg)
-  out = selftest.run(mesh, preset, steps=5)
-  np.testing.assert_allclose(out['losses'], reference_run['losses'], rtol=RTOL)
-  _check_sharded_state(out['state'], mesh, preset)
+@pytest.mark.parametrize('mesh_cfg,preset', MESHES[:2], ids=lambda x: str(x))
+def test_sharded_training_matches_one_device(reference_run, mesh_cfg, preset, tmp_path):
+  losses, summary = _train(tmp_path, mesh_cfg, preset)
+  np.testing.assert_allclose(losses, reference_run['losses'], rtol=RTOL)
+  np.testing.assert_allclose(summary['val_loss'], reference_run['summary']['val_loss'],
+                             rtol=RTOL)
 
 
 def test_fsdp_tp_training_matches_one_device(reference_run, run_222):
+  from flaxllm import config as config_lib
+  from flaxllm.train import trainer
   np.testing.assert_allclose(run_222['losses'], reference_run['losses'], rtol=RTOL)
-  _check_sharded_state(run_222['state'], run_222['mesh'], 'fsdp_tp')
+  config = config_lib.load_config(TRAIN_SPEC, TRAIN + _mesh_flags(*MESHES[2]))
+  _check_sharded_state(trainer.build_programs(config, parallel.make_mesh(config.mesh)),
+                       'fsdp_tp')
+
+
+def test_step_shards_activations():
+  """The trainer's jitted step carries the models' activation constraints (not dropped for
+  lack of a mesh context): e.g. [batch, length, heads, head_dim] over
+  (('data', 'fsdp'), -, 'tensor')."""
+  import jax.numpy as jnp
+  from flaxllm import config as config_lib
+  from flaxllm.train import step as step_lib
+  from flaxllm.train import trainer
+  config = config_lib.load_config(TRAIN_SPEC, TRAIN + _mesh_flags(*MESHES[2]))
+  programs = trainer.build_programs(config, parallel.make_mesh(config.mesh))
+  sh = parallel.batch_sharding(programs.mesh, 'fsdp_tp')
+  batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=sh) for k in step_lib.BATCH_KEYS}
+  text = programs.train_step.lower(programs.abstract_state, batch, {}).as_text()
+  constraints = [l for l in text.splitlines() if 'sharding_constraint' in l]
+  assert len(constraints) >= 10
+  assert any('{"data", "fsdp"}, {}, {"tensor"}, {}' in l for l in constraints)
 
 
 def test_create_sharded_with_boxed_params():
@@ -301,7 +349,6 @@ def test_optimizer_state_follows_params_through_optax_wrappers():
   """mu / nu inside chain + masked (norm scales masked out) get their param's sharding; the
   step counter, counts and rng stay replicated. Abstract only: nothing is compiled."""
   import optax
-  from flaxllm.parallel import reference_step as rs
   model = models.build(tiny())
   mesh = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   specs = parallel.param_specs(model)
@@ -309,8 +356,9 @@ def test_optimizer_state_follows_params_through_optax_wrappers():
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.masked(optax.adamw(1e-3), mask))
 
   def init(rng):
-    state = rs.make_init(model, tx)(rng)
-    return {**state, 'rng': jax.random.key_data(rng)}
+    params = models.init_params(model, rng)
+    return {'params': params, 'opt_state': tx.init(params), 'step': 0,
+            'rng': jax.random.key_data(rng)}
 
   _, sh = parallel.abstract_state(init, mesh, 'fsdp_tp', jax.random.key(0), param_specs=specs)
   inner = sh['opt_state'][1].inner_state[0]
@@ -319,25 +367,6 @@ def test_optimizer_state_follows_params_through_optax_wrappers():
   assert get(inner.mu).spec == get(inner.nu).spec == P('fsdp', 'tensor', None)
   assert get(sh['params']).spec == P('fsdp', 'tensor', None)
   assert inner.count.spec == P() and sh['step'].spec == P() and sh['rng'].spec == P()
-
-
-def test_step_shards_activations():
-  """The jitted step carries the models' activation constraints (not dropped for lack of a
-  mesh context): e.g. [batch, length, heads, head_dim] over (('data', 'fsdp'), -, 'tensor')."""
-  import jax.numpy as jnp
-  from flaxllm.parallel import reference_step as rs
-  model = models.build(tiny())
-  mesh = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
-  tx = rs.make_optimizer()
-  state, sh = parallel.abstract_state(rs.make_init(model, tx), mesh, 'fsdp_tp',
-                                      jax.random.key(0), param_specs=parallel.param_specs(model))
-  tokens = jax.ShapeDtypeStruct((8, 17), jnp.int32,
-                                sharding=parallel.batch_sharding(mesh, 'fsdp_tp'))
-  step = rs.jit_train_step(model, tx, mesh, 'fsdp_tp', sh)
-  text = step.lower(state, {'tokens': tokens}).as_text()
-  constraints = [l for l in text.splitlines() if 'sharding_constraint' in l]
-  assert len(constraints) >= 10
-  assert any('{"data", "fsdp"}, {}, {"tensor"}, {}' in l for l in constraints)
 
 
 def test_shard_batch_and_local_rows():
@@ -350,23 +379,23 @@ def test_shard_batch_and_local_rows():
   assert {s.data.shape for s in arr.addressable_shards} == {(2, 5)}
 
 
-def test_two_processes_match_one(reference_run, run_222):
-  """launch/local.py: 2 processes x 4 CPU devices (gloo) == 1 process x 8 devices == 1 device."""
+def test_two_processes_match_one(reference_run, run_222, tmp_path):
+  """launch/local.py: `flaxllm train` in 2 processes x 4 CPU devices (gloo) == 1 process x 8
+  devices == 1 device; the processes agree on checkpoints and export the model together."""
   buf = io.StringIO()
+  workdir = tmp_path / 'two_processes'
   code = local_launch.launch(
-      [sys.executable, '-m', 'flaxllm.parallel.selftest', '--data=2', '--fsdp=2', '--tensor=2',
-       '--rules=fsdp_tp', '--steps=5', '--timeout=60'],
-      num_processes=2, devices_per_process=4, timeout=240, cwd=str(ROOT), out=buf)
+      [sys.executable, '-m', 'flaxllm.cli', 'train', f'--config={TRAIN_SPEC}',
+       f'--workdir={workdir}', *TRAIN, *_mesh_flags(*MESHES[2])],
+      num_processes=2, devices_per_process=4, timeout=420, cwd=str(ROOT), out=buf)
   log = buf.getvalue()
   assert code == 0, log[-3000:]
-  results = [json.loads(line.split('LOSSES ', 1)[1]) for line in log.splitlines()
-             if 'LOSSES ' in line]
-  assert sorted(r['process'] for r in results) == [0, 1], log[-3000:]
-  for r in results:
-    assert r['processes'] == 2 and r['devices'] == 8
-    np.testing.assert_allclose(r['losses'], run_222['losses'], rtol=RTOL)    # 1 process x 8
-    np.testing.assert_allclose(r['losses'], reference_run['losses'], rtol=RTOL)  # 1 device
-  assert sorted(tuple(r['rows']) for r in results) == [(0, 4), (4, 8)]
+  assert all(f'[p{i}] Run complete: 5/5 steps' in log for i in (0, 1)), log[-3000:]
+  losses = _losses(workdir)
+  np.testing.assert_allclose(losses, run_222['losses'], rtol=RTOL)        # 1 process x 8
+  np.testing.assert_allclose(losses, reference_run['losses'], rtol=RTOL)  # 1 device
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4', '5']
+  assert (workdir / 'model' / 'model_config.json').exists()
 
 
 def test_launcher_propagates_failure():
@@ -382,35 +411,35 @@ def test_launcher_propagates_failure():
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def test_checkpoint_saved_on_8_devices_restores_on_one(reference_run, run_222):
-  """Saved at step 2 on (data=2, fsdp=2, tensor=2); restored on 1 device with
-  `ocp.args.StandardRestore` given the 1-device shardings; the next 3 losses equal the
-  uninterrupted run's."""
-  import orbax.checkpoint as ocp
-  shardings, _ = reference_run['setup']
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        reference_run['state'], shardings)
-  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-    restored = ckptr.restore(run_222['ckpt'], args=ocp.args.StandardRestore(target))
-  q = restored['params']['decoder']['layers_0']['attn']['q_proj']['kernel']
-  assert q.sharding.mesh.devices.size == 1 and int(restored['step']) == 2
-  cont = selftest.run(one_device_mesh(), 'fsdp', steps=3, start=2, state=restored,
-                      setup=reference_run['setup'])
-  np.testing.assert_allclose(cont['losses'], reference_run['losses'][2:], rtol=RTOL)
-  np.testing.assert_allclose(cont['losses'], run_222['losses'][2:], rtol=RTOL)
+def test_checkpoint_saved_on_8_devices_restores_on_one(reference_run, run_222, tmp_path):
+  """The trainer's checkpoint of step 2 on (data=2, fsdp=2, tensor=2) resumes on one device
+  (another mesh and rule preset: safe to change) and continues with the same losses."""
+  import shutil
+  workdir = tmp_path / 'resumed'
+  shutil.copytree(run_222['workdir'], workdir)
+  for step in ('4', '5'):
+    shutil.rmtree(workdir / 'checkpoints' / step)
+  losses, summary = _train(workdir, {'fsdp': 1}, 'fsdp', devices=jax.devices()[:1])
+  np.testing.assert_allclose(losses, reference_run['losses'], rtol=RTOL)
+  np.testing.assert_allclose(losses[2:], run_222['losses'][2:], rtol=RTOL)
+  assert summary['step'] == 5
 
 
 # ----------------------------------------------------------------------------- AOT
 
+def _compile_config(*overrides):
+  from flaxllm import config as config_lib
+  return config_lib.load_config(TRAIN_SPEC, TRAIN + _mesh_flags(*MESHES[2]) + list(overrides))
+
+
 def test_aot_compile_reports_memory_and_flops():
-  mesh = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
-  cfg = tiny()
-  report = aot.compile_reference_step(cfg, mesh, 'fsdp_tp', batch=8, seq=32, target='cpu')
-  n_params = models.param_count(cfg)['total']
-  state_bytes = 3 * 4 * n_params  # params + mu + nu, float32
+  config = _compile_config()
+  report = aot.compile_train_step(config, parallel.make_mesh(config.mesh), target='cpu')
+  n_params = models.param_count(models.ModelConfig.from_dict(config.model))['total']
+  state_bytes = 3 * 4 * n_params  # params + AdamW mu + nu, float32
   # Weights are split over fsdp x tensor = 4 devices (the data axis replicates them); the norm
-  # scales only over fsdp (+3 KiB), the batch adds one [1, 33] int32 row per device.
-  assert state_bytes / 4 <= report.argument_bytes <= state_bytes / 4 + 4096
+  # scales only over fsdp, the batch adds one [1, 16] row of 5 arrays per device.
+  assert state_bytes / 4 <= report.argument_bytes <= state_bytes / 4 + 8192
   assert report.output_bytes >= state_bytes / 4
   assert report.temp_bytes > 0 and report.flops and report.flops > 0
   assert report.total_bytes > 0 and 'per device' in report.summary()
@@ -418,6 +447,21 @@ def test_aot_compile_reports_memory_and_flops():
   with pytest.raises(aot.MemoryBudgetError, match=r'needs .* per device on cpu .* but the '
                      r'budget is 1.00 KiB; shard over more devices'):
     aot.check_memory(report, '1KiB')
+
+
+def test_flaxllm_compile_command(capsys):
+  """`flaxllm compile`: the per-device report, a budget that fits, one that does not, and a
+  config that cannot work, each before anything runs."""
+  argv = ['compile', f'--config={TRAIN_SPEC}', *TRAIN, *_mesh_flags(*MESHES[2])]
+  from flaxllm import cli
+  assert cli.main(argv + ['--budget=1GiB']) == 0
+  out = capsys.readouterr().out
+  assert '8 x 16 tokens on data=2 fsdp=2 tensor=2 (8 cpu devices), rules fsdp_tp' in out
+  assert 'per device (arguments' in out and 'fits the budget of 1.00 GiB' in out
+  assert cli.main(argv + ['--budget=1KiB']) == 1
+  assert 'but the budget is 1.00 KiB' in capsys.readouterr().err
+  assert cli.main(argv + ['--config.mesh.tensor=4']) == 1
+  assert 'does not match the 8 devices' in capsys.readouterr().err
 
 
 def test_aot_targets():
@@ -452,7 +496,9 @@ def test_tpu_topology_multislice_mesh_and_aot():
   mesh = parallel.make_mesh({'dcn_data': 2, 'fsdp': -1}, devices)
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
   assert [{d.slice_index for d in row.ravel()} for row in mesh.devices] == [{0}, {1}]
-  report = aot.compile_reference_step(tiny(), mesh, 'fsdp', batch=8, seq=32, target='v5e')
+  config = _compile_config('--config.mesh.data=1', '--config.mesh.fsdp=-1',
+                           '--config.mesh.tensor=1', '--config.parallel.rules=fsdp')
+  report = aot.compile_train_step(config, mesh, target='v5e')
   assert report.argument_bytes > 0 and report.flops > 0
 
 

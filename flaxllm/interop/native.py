@@ -23,16 +23,23 @@ def save_flaxllm(model_config, params, path: str) -> None:
   params = nn.meta.unbox(params)
   if set(params) == {'params'}:
     params = params['params']
+  import jax
+  from jax.experimental import multihost_utils
   path = os.path.abspath(os.fspath(path))
-  os.makedirs(path, exist_ok=True)
   target = os.path.join(path, PARAMS_DIR)
-  if os.path.exists(target):
-    shutil.rmtree(target)
+  main = jax.process_index() == 0  # every process calls this: each writes its own shards
+  if main:
+    os.makedirs(path, exist_ok=True)
+    if os.path.exists(target):
+      shutil.rmtree(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'flaxllm_save_flaxllm:{target}')
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(target, params)
   ckpt.wait_until_finished()
-  with open(os.path.join(path, CONFIG_NAME), 'w') as f:
-    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  if main:
+    with open(os.path.join(path, CONFIG_NAME), 'w') as f:
+      json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
 
 
 def load_flaxllm(path: str):

@@ -15,9 +15,11 @@ Targets:
                      TargetUnavailable saying so.
 
     devices, desc = target_devices('tpu:v5e:4x4')
-    mesh = make_mesh({'fsdp': -1}, devices)
-    report = compile_reference_step(model_cfg, mesh, 'fsdp', batch=16, seq=2048, target=desc)
+    mesh = make_mesh(config.mesh, devices)
+    report = compile_train_step(config, mesh, target=desc)   # the trainer's step
     check_memory(report, '16GiB')
+
+or from the command line: `flaxllm compile --config=... --budget=16GiB` (see `main`).
 """
 from __future__ import annotations
 
@@ -183,97 +185,81 @@ def check_memory(report: MemoryReport, budget) -> None:
         'per-device batch.')
 
 
-def compile_step(step_fn: Callable, init_fn: Callable, init_args: Sequence, batch: dict,
-                 mesh, rules='fsdp', *, param_specs=None, target: str = '',
-                 donate: bool = True) -> MemoryReport:
-  """AOT-compiles any `step_fn(state, batch) -> (state, metrics)` for `mesh`.
-
-  `init_fn(*init_args)` gives the state (only traced with eval_shape); `batch` maps names to
-  `(shape, dtype)` of the *global* batch (sharded over the data axes); `param_specs` as in
-  `sharding.create_sharded`. The step is traced inside `sharding.step_context` so the models'
-  activation constraints apply. This is what `flaxllm compile` runs for the trainer's step.
-  """
-  from flaxllm.parallel import rules as rules_lib
-  from flaxllm.parallel import sharding as sharding_lib
-
-  rules = rules_lib.get_rules(rules)
-  state, shardings = sharding_lib.abstract_state(init_fn, mesh, rules, *init_args,
-                                                 param_specs=param_specs)
-  batch_abs, batch_sh = {}, {}
-  for name, (shape, dtype) in batch.items():
-    rules_lib.check_batch(shape[0], mesh, rules)
-    batch_sh[name] = rules_lib.batch_sharding(mesh, rules, len(shape))
-    batch_abs[name] = jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=batch_sh[name])
-
-  def wrapped(state, batch):
-    with sharding_lib.step_context(mesh, rules):
-      return step_fn(state, batch)
-
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  jitted = jax.jit(wrapped, in_shardings=(shardings, batch_sh),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,) if donate else ())
-  t0 = time.perf_counter()
-  compiled = compile_aot(jitted, state, batch_abs,
-                         context=sharding_lib.sharding_context(mesh, rules))
-  report = analyze(compiled, target or str(mesh.devices.flat[0].platform), mesh.devices.size,
-                   time.perf_counter() - t0)
-  report.extra.update(mesh=dict(mesh.shape), rules=rules_lib.rules_name(rules),
-                      batch={k: list(v[0]) for k, v in batch.items()})
-  return report
-
-
-def compile_reference_step(model_cfg, mesh, rules='fsdp', *, batch: int, seq: int,
-                           target: str = '', tx=None) -> MemoryReport:
-  """AOT-compiles `reference_step` (forward + backward + AdamW) of `model_cfg` on `mesh`."""
+def compile_train_step(config, mesh, target: str = '') -> MemoryReport:
+  """AOT-compiles the trainer's train step (`flaxllm.train.trainer.build_programs`: the same
+  model, optimizer, fine-tuning split and shardings as `flaxllm train`) of `config` on `mesh`,
+  for one global batch of `config.batch_size` x `config.seq_len` tokens."""
   import jax.numpy as jnp
   from flaxllm import models
-  from flaxllm.parallel import reference_step as rs
+  from flaxllm.distill import hooks as distill
   from flaxllm.parallel import rules as rules_lib
+  from flaxllm.parallel import sharding as sharding_lib
+  from flaxllm.train import step as step_lib
+  from flaxllm.train import trainer
 
-  model = models.build(model_cfg)
-  tx = tx or rs.make_optimizer()
-  report = compile_step(rs.make_train_step(model, tx), rs.make_init(model, tx),
-                        (jax.random.key(0),), {'tokens': ((batch, seq + 1), jnp.int32)}, mesh,
-                        rules, param_specs=rules_lib.param_specs(model), target=target)
-  report.extra.update(batch=batch, seq=seq)
+  if distill.enabled(config):
+    raise ValueError('flaxllm compile does not cover distillation (the teacher is a second '
+                     "model); compile the student alone with --config.distill.teacher=''.")
+  programs = trainer.build_programs(config, mesh)
+  rules_lib.check_batch(config.batch_size, mesh, programs.rules)
+  shape = (config.batch_size, config.seq_len)
+  sharding = rules_lib.batch_sharding(mesh, programs.rules, 2)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'loss_mask' else jnp.int32,
+                                   sharding=sharding) for k in step_lib.BATCH_KEYS}
+  frozen = {} if programs.abstract_base is None else {'base': programs.abstract_base}
+  t0 = time.perf_counter()
+  compiled = compile_aot(programs.train_step, programs.abstract_state, batch, frozen,
+                         context=sharding_lib.sharding_context(mesh, programs.rules))
+  report = analyze(compiled, target or str(mesh.devices.flat[0].platform), mesh.devices.size,
+                   time.perf_counter() - t0)
+  model_flops = models.flops_per_token(programs.model_cfg, config.seq_len) * shape[0] * shape[1]
+  report.extra.update(mesh=dict(mesh.shape), rules=config.parallel.rules, batch=shape[0],
+                      seq=shape[1], model_flops_per_device=model_flops / mesh.devices.size)
   return report
 
 
 def main(argv=None) -> int:
-  """python -m flaxllm.parallel.aot --model=llama3_8b --fsdp=-1 --batch=8 --seq=2048
-  [--target=tpu:v5e:2x4] [--budget=16GiB] [--set scan_layers=True --set remat=full ...]"""
-  ap = argparse.ArgumentParser(description=main.__doc__)
-  ap.add_argument('--model', default='tiny_llama')
-  ap.add_argument('--set', action='append', default=[], help='model field override k=v')
-  ap.add_argument('--data', type=int, default=1)
-  ap.add_argument('--fsdp', type=int, default=-1)
-  ap.add_argument('--tensor', type=int, default=1)
-  ap.add_argument('--rules', default='fsdp')
-  ap.add_argument('--batch', type=int, default=8)
-  ap.add_argument('--seq', type=int, default=128)
-  ap.add_argument('--target', default='cpu')
-  ap.add_argument('--budget', default=None)
-  ap.add_argument('--json', action='store_true')
-  args = ap.parse_args(argv)
-  from flaxllm import models
+  """flaxllm compile --config=SPEC [--config.k=v ...] [--target=cpu|tpu:<topology>]
+  [--devices=N] [--budget=16GiB] [--json]
+
+  Lowers and compiles the train step of a config for its mesh (`config.mesh`) without running
+  it, prints the per-device memory and FLOPs, and exits 1 with one sentence when the config is
+  inconsistent or the step needs more than --budget per device. --devices=N compiles for N
+  fake CPU devices (no accelerator needed); --target=tpu:v5e:8x8 for a real TPU topology
+  (needs libtpu, no TPU).
+
+    flaxllm compile --config=configs/pretrain.py:size=llama3_8b --devices=64 \\
+        --config.batch_size=64 --config.seq_len=2048 --budget=16GiB
+"""
+  ap = argparse.ArgumentParser(prog='flaxllm compile', description=main.__doc__.split('\n\n')[1],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument('--config', required=True, help='config file and variant (as flaxllm train)')
+  ap.add_argument('--target', default='cpu', help="'cpu' or 'tpu:<topology>' (e.g. tpu:v5e:4x4)")
+  ap.add_argument('--devices', type=int, default=0,
+                  help='number of fake CPU devices (target cpu; default: as JAX starts)')
+  ap.add_argument('--budget', default=None, help='per-device memory budget, e.g. 16GiB')
+  ap.add_argument('--json', action='store_true', help='print the report as one JSON line')
+  argv = list(sys.argv[1:] if argv is None else argv)
+  overrides = [a for a in argv if a.startswith('--config.')]
+  args = ap.parse_args([a for a in argv if not a.startswith('--config.')])
+  if args.devices:
+    jax.config.update('jax_num_cpu_devices', args.devices)  # before any backend starts
+  from flaxllm import config as config_lib
   from flaxllm.parallel import mesh as mesh_lib
-  overrides = {}
-  for kv in args.set:
-    k, _, v = kv.partition('=')
-    try:
-      overrides[k] = json.loads(v)
-    except json.JSONDecodeError:
-      overrides[k] = {'True': True, 'False': False}.get(v, v)
-  cfg = models.presets.get(args.model, **overrides)
   try:
+    config = config_lib.load_config(args.config, overrides)
     devices, desc = target_devices(args.target)
-    mesh = mesh_lib.make_mesh({'data': args.data, 'fsdp': args.fsdp, 'tensor': args.tensor},
-                              devices)
-    report = compile_reference_step(cfg, mesh, args.rules, batch=args.batch, seq=args.seq,
-                                    target=desc)
-    print(json.dumps(report.to_dict()) if args.json else report.summary())
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    report = compile_train_step(config, mesh, desc)
+    if args.json:
+      print(json.dumps(report.to_dict()))
+    else:
+      print(f'{config.batch_size} x {config.seq_len} tokens on {mesh_lib.describe(mesh)}, rules '
+            f'{config.parallel.rules}:\n{report.summary()}\nmodel FLOPs per device and step: '
+            f'{report.extra["model_flops_per_device"] / 1e12:.3g} TFLOP')
     if args.budget:
       check_memory(report, args.budget)
+      print(f'fits the budget of {fmt_bytes(parse_bytes(args.budget))} per device.')
   except (TargetUnavailable, MemoryBudgetError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -106,6 +106,8 @@ def resolve_workdir(workdir: str) -> str:
 
 def _train(argv) -> int:
   spec, workdir, overrides = parse_train_args(argv)
+  from flaxllm.parallel import distributed  # pylint: disable=import-outside-toplevel
+  distributed.initialize()  # multi-process runs (TPU VM, SLURM, launch/local.py); else a no-op
   workdir = resolve_workdir(workdir)
   config = config_for(spec, workdir, overrides)
   from flaxllm.train import trainer  # pylint: disable=import-outside-toplevel
@@ -152,7 +154,7 @@ def evaluate_workdir(workdir: str, step: Optional[int] = None,
   state, _ = checkpoints.restore(step, programs.abstract_state)
   checkpoints.close()
   frozen = {}
-  if programs.has_base:  # fine-tuning: the frozen base, rebuilt as the trainer does
+  if programs.abstract_base is not None:  # fine-tuning: the frozen base, rebuilt as the trainer does
     frozen['base'] = trainer.start_params(config, programs)[1]
   # Every process reads the whole validation batch and keeps its rows.
   val_iter = pipeline.make_iterator(config.data, tokenizer, split='validation',

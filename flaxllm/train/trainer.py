@@ -119,7 +119,7 @@ class Programs(NamedTuple):
   tx: Any                    # optax.GradientTransformation (of the trainable tree)
   abstract_params: Any       # the model's full params: ShapeDtypeStructs with shardings
   abstract_state: Any        # TrainState of ShapeDtypeStructs with shardings (restore target)
-  has_base: bool             # a frozen base exists (fine-tuning): split() gives it back
+  abstract_base: Any         # the frozen base (fine-tuning) with shardings, or None
   init_params: Callable      # rng -> the model's full params (random init)
   split: Callable            # (params, rng) -> (trainable, frozen base or None); params donated
   init: Callable             # (trainable, rng) -> TrainState (trainable is donated)
@@ -193,7 +193,8 @@ def _build_programs(model_cfg: models.ModelConfig, key: str, mesh) -> Programs:
   return Programs(
       model_cfg=model_cfg, mesh=mesh, rules=rules, tx=tx,
       abstract_params=abstract_params, abstract_state=abstract,
-      has_base=abstract_base is not None,
+      abstract_base=None if abstract_base is None else parallel.with_shardings(abstract_base,
+                                                                               base_sh),
       init_params=jax.jit(on_mesh(init_params), out_shardings=params_sh),
       split=jax.jit(on_mesh(split), out_shardings=(state_sh.params, base_sh),
                     donate_argnums=(0,)),
@@ -215,6 +216,7 @@ def _all_finite(tree) -> jax.Array:
 def load_init_params(path: str, abstract_params):
   """Params to start from (`config.init_from`): a flaxllm workdir (its newest checkpoint) or a
   model directory of `flaxllm convert` / Hugging Face (via flaxllm.interop)."""
+  path = os.path.abspath(os.path.expanduser(path))
   mismatch = TrainError(f'the params in init_from={path!r} do not match config.model '
                         '(different shapes or names); use the same model settings as that run.')
   signature = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
@@ -321,7 +323,7 @@ def train(config, workdir: str, devices=None) -> dict:
       frozen['teacher'] = teacher
     state_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
     trainable = None
-    if restored is None or programs.has_base:  # the base is rebuilt, never checkpointed
+    if restored is None or programs.abstract_base is not None:  # the base is rebuilt, never checkpointed
       trainable, base = start_params(config, programs, teacher)
       if base is not None:
         frozen['base'] = base
@@ -466,19 +468,20 @@ def train(config, workdir: str, devices=None) -> dict:
       last_eval = validate()
     summary = {'step': step, 'complete': True, 'preempted': False, **last_eval}
     exporting = start_step < total or not os.path.isdir(os.path.join(workdir, MODEL_DIR))
-    if not exporting and not config.sample.max_new_tokens:
-      return summary
-    params = model_params()
-    if jax.process_count() > 1:  # whole arrays on every host (export, sample)
+    whole = lambda tree: tree  # whole arrays on every host (PEFT export, samples)
+    if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      params = multihost_utils.process_allgather(params, tiled=True)
+      whole = functools.partial(multihost_utils.process_allgather, tiled=True)
+    if exporting:  # every process writes its shards
+      export_model(workdir, model_cfg, model_params(), tokenizer_source=is_main)
     if is_main:
       metrics_lib.plot_losses(workdir)
-      if exporting:
-        export_model(workdir, model_cfg, params)
-        finetune.export_adapter(workdir, config.finetune, model_cfg, state.params)
+    if exporting and config.finetune.method in ('lora', 'qlora'):  # + the PEFT adapter
+      adapters = whole(distill.student_params(state.params))
+      if is_main:
+        finetune.export_adapter(workdir, config.finetune, model_cfg, adapters)
     if config.sample.max_new_tokens:
-      summary['sample'] = sample_text(model_cfg, params, tokenizer, config.sample)
+      summary['sample'] = sample_text(model_cfg, whole(model_params()), tokenizer, config.sample)
     return summary
 
 
@@ -545,17 +548,14 @@ def _data_state_of(saved: dict, shard: int, num_shards: int, workdir: str) -> di
   return saved['states'][str(shard)]
 
 
-def export_model(workdir: str, model_cfg, params):
+def export_model(workdir: str, model_cfg, params, tokenizer_source: bool = True):
   """`<workdir>/model/`: the final params in the `flaxllm convert` layout plus the tokenizer, for
-  `flaxllm generate --model=<workdir>/model --tokenizer=<workdir>/model/tokenizer.model`."""
-  try:
-    from flaxllm.interop import native  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    log.warning('flaxllm.interop is not available; not exporting %s/model.', workdir)
-    return
+  `flaxllm generate --model=<workdir>/model --tokenizer=<workdir>/model/tokenizer.model`.
+  Every process calls it (each writes its shards); one copies the tokenizer."""
+  from flaxllm.interop import native  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, MODEL_DIR)
   native.save_flaxllm(model_cfg, params, path)
   tok = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(tok):
+  if tokenizer_source and os.path.exists(tok):
     with open(tok, 'rb') as f:
       _write_atomic(os.path.join(path, TOKENIZER_FILE), f.read())
