@@ -76,8 +76,10 @@ def main(argv=None):
   peak = [metrics_lib.measure_peak_flops('float32')]
 
   # ---------------------------------------------------------------- the same model and batch
-  state = programs.init(jax.random.PRNGKey(config.seed))
-  params = jax.device_get(state.params)
+  key = jax.random.PRNGKey(config.seed)
+  full = programs.init_params(key)
+  params = jax.device_get(full)
+  state = programs.init(programs.split(full, key)[0], key)  # full fine-tuning: all params
   n_params = int(sum(x.size for x in jax.tree.leaves(params)))
   tmodel = model_speed.torch_model(cfg, params, args.attn).train()
   rng = np.random.default_rng(0)
@@ -101,7 +103,7 @@ def main(argv=None):
   def flax_steps():
     s = holder['state']
     for _ in range(args.steps):
-      s, m = programs.train_step(s, jbatch)
+      s, m = programs.train_step(s, jbatch, {})
     holder['state'] = s
     losses['flaxllm'].append(float(m['loss']))  # blocks until done
 
@@ -116,7 +118,7 @@ def main(argv=None):
     losses['torch'].append(float(loss.detach()))
 
   # The forward pass alone (loss, no gradients), to tell forward and backward apart.
-  flax_loss = jax.jit(lambda p, b: step_lib.loss_sums(programs_model, p, b)[0])
+  flax_loss = jax.jit(lambda p, b: step_lib.lm_loss(programs_model)(p, {}, b)[0])
 
   def flax_forward():
     for _ in range(args.steps):
