@@ -146,6 +146,9 @@ def markdown(r) -> str:
     flops = f'{m["flops"] / 1e9:.1f}' if m.get('flops') else ''
     lines.append(f'| {m["vocab"]} | {m["variant"]} | {g(m["temp_bytes"])} | '
                  f'{g(m["argument_bytes"])} | {g(m["total_bytes"])} | {flops} |')
+  lines += ['', 'GFLOP is XLA\'s cost analysis of the compiled step, which counts the body of a '
+            'loop once: for the chunked variants it leaves out all but one chunk of the output '
+            'heads, so compare GFLOP only between unchunked rows.']
   return '\n'.join(lines) + '\n'
 
 
