@@ -131,7 +131,7 @@ def _wait(predicate, timeout=240):
 
 def test_killed_sweep_resumes_without_redoing_finished_points(tmp_path, monkeypatch):
   """Points: 'done' (finishes), 'bad' (fails at run time: its corpus does not exist), 'long'
-  (killed mid-run with the sweep, by kill -9). The second invocation skips 'done' and 'bad' and
+  (killed mid-run with the sweep, by kill -9), with 2 workers. The second invocation skips 'done' and 'bad' and
   resumes 'long' from its checkpoint."""
   path = _sweep_file(tmp_path, textwrap.dedent('''[
       {'_name': 'done', 'total_steps': 6, 'eval_every': 3},
@@ -141,15 +141,21 @@ def test_killed_sweep_resumes_without_redoing_finished_points(tmp_path, monkeypa
   sweep_dir = tmp_path / 'sweep'
   # The runs see one CPU device, as on a user's machine (not conftest's 8 fake ones).
   monkeypatch.delenv('XLA_FLAGS', raising=False)
+  # 2 workers: 'done' runs alone (it warms the caches), then 'bad' and 'long' start together.
   proc = subprocess.Popen([sys.executable, '-m', 'flaxllm.cli', 'sweep', f'--config={path}',
-                           f'--workdir={sweep_dir}'], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+                           f'--workdir={sweep_dir}', '--workers=2'], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, 'PYTHONUNBUFFERED': '1'})
   long_ckpts = sweep_dir / 'long' / 'checkpoints'
   _wait(lambda: long_ckpts.exists() and any(d.isdigit() for d in os.listdir(long_ckpts))
         or proc.poll() is not None)
   proc.kill()   # SIGKILL: the sweep cannot clean up; its run gets SIGTERM from the kernel
   output = proc.communicate()[0]
   assert proc.returncode == -signal.SIGKILL, output
+  events = [l.split(' log ')[0] for l in output.splitlines() if l.startswith('[')]
+  assert events[:4] == ['[done] started (1/3),', events[1], '[bad] started (2/3),',
+                        '[long] started (3/3),'], output
+  assert events[1].startswith('[done] complete in'), output
   long_pid = runner_lib.read_point(str(sweep_dir / 'long'))['pid']
   _wait(lambda: not os.path.exists(f'/proc/{long_pid}') or
         open(f'/proc/{long_pid}/stat').read().split()[2] == 'Z')
