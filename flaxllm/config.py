@@ -233,7 +233,7 @@ def parse_arg(arg: str | None, **spec) -> ConfigDict:
   key means True (`'quick'` == `'quick=True'`); unknown keys are an error.
   """
   out = ConfigDict(spec)
-  for item in (arg or '').split(','):
+  for item in _split_items(arg or ''):
     if not item.strip():
       continue
     key, eq, text = item.partition('=')
@@ -244,6 +244,17 @@ def parse_arg(arg: str | None, **spec) -> ConfigDict:
     value = _parse_value(text) if eq else True
     out[key] = _convert(value, spec[key], key, f'write e.g. {key}={spec[key]!r}')
   return out
+
+
+def _split_items(arg: str) -> list[str]:
+  """'a=1,b=(2,3),c' -> ['a=1', 'b=(2,3)', 'c']: commas inside brackets stay in the value."""
+  items, depth, start = [], 0, 0
+  for i, ch in enumerate(arg):
+    depth += (ch in '([{') - (ch in ')]}')
+    if ch == ',' and depth == 0:
+      items.append(arg[start:i])
+      start = i + 1
+  return items + [arg[start:]]
 
 
 def load_file(spec: str) -> ConfigDict:

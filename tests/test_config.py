@@ -32,6 +32,8 @@ def test_variants_are_typed_and_checked():
   assert default.model.vocab_size == 4096 and default.tokenizer.kind == 'sentencepiece'
   arg = config_lib.parse_arg('steps=5,quick,lr=1e-3', steps=1, quick=False, lr=0.1, name='x')
   assert (arg.steps, arg.quick, arg.lr, arg.name) == (5, True, 1e-3, 'x')
+  arg = config_lib.parse_arg('budgets=(3e11,1e12),n=2', budgets=(1.0,), n=1)
+  assert tuple(arg.budgets) == (3e11, 1e12) and arg.n == 2  # commas in brackets stay together
   with pytest.raises(ConfigError, match=r"^unknown config variant 'stpes' in 'stpes=3'; allowed "
                                         r"variants are \['size', 'steps'\]\.$"):
     config_lib.load_config(f'{DEFAULT}:stpes=3')
