@@ -294,6 +294,23 @@ def test_bad_teachers_are_refused_in_one_sentence(tmp_path):
     teacher_lib.check_teacher(spm_teacher, student, tok_lib.ByteTokenizer())
 
 
+def test_hf_and_model_dir_teachers_load_their_params(tmp_path):
+  from flaxllm.interop import hf, native
+  t_cfg = _cfg(**{**T_CFG, 'mlp_activation': 'swiglu', 'norm': 'rmsnorm', 'position': 'rope'})
+  params = _init(t_cfg, 3)
+  hf.save(t_cfg, params, str(tmp_path / 'hf'))
+  native.save_flaxllm(t_cfg, params, str(tmp_path / 'native'))
+  for path, kind in ((tmp_path / 'hf', 'hf'), (tmp_path / 'native', 'flaxllm_model')):
+    source = teacher_lib.resolve_teacher(str(path))
+    assert source.kind == kind and source.model_cfg.d_model == 48
+    teacher_lib.check_teacher(source, _cfg(**{**S_CFG, 'mlp_activation': 'swiglu'}))
+    with pytest.raises(ConfigError, match='vocab_size 64 but the student has 65'):
+      teacher_lib.check_teacher(source, _cfg(**{**S_CFG, 'vocab_size': 65}))
+    loaded = teacher_lib.load_teacher_params(source)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6), loaded,
+                 params)
+
+
 def test_student_from_teacher_takes_every_kth_layer():
   t_cfg = _cfg(**{**S_CFG, 'num_layers': 4})
   s_cfg = _cfg(**S_CFG)
