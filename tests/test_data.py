@@ -300,7 +300,7 @@ def test_iterator_bad_arguments(small_stdlib):
   with pytest.raises(ValueError, match="no split"):
     data.make_iterator(small_stdlib, tok, split="test", seq_len=8, batch_size=2, seed=0)
   with pytest.raises(ValueError, match="Unknown data.format"):
-    data.make_iterator(dict(small_stdlib, format="chat"), tok, split="train", seq_len=8, batch_size=2, seed=0)
+    data.make_iterator(dict(small_stdlib, format="no_such_format"), tok, split="train", seq_len=8, batch_size=2, seed=0)
 
 
 def test_validation_iterator_rewinds_to_its_start(small_stdlib):
