@@ -441,6 +441,29 @@ def test_trainer_distills_with_frozen_teacher(tiny_teacher, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, after), before)
 
 
+def test_trainer_on_policy_and_offline_batches(tiny_teacher, tmp_path):
+  """The trainer's batch hook: on-policy (GKD) student batches and stored top-k teacher logits
+  both reach the jitted step through the mesh (ce_weight [batch], teacher_* [batch, seq, k])."""
+  from flaxllm.data import tokenizer as tok_lib
+  from flaxllm.distill import offline, onpolicy
+  from flaxllm.train import trainer
+  summary = trainer.train(_student_config(tiny_teacher, '--config.distill.on_policy=0.5'),
+                          str(tmp_path / 'gkd'))
+  rows = [json.loads(x) for x in open(tmp_path / 'gkd' / 'metrics.jsonl')]
+  assert summary['complete'] and all(np.isfinite(r['kd']) for r in rows if 'loss' in r)
+  policy = onpolicy.OnPolicy(None, 0.5, seed=0, prompt_len=4, temperature=1.0)
+  assert any(policy.chooses(t) for t in range(3))  # a student batch was among the 3 steps
+  config = _student_config('', '--config.distill.teacher=')
+  t_cfg = models.ModelConfig.from_dict(config.model)
+  offline.write_topk(config, tok_lib.ByteTokenizer(), t_cfg, _params(t_cfg, 3),
+                     str(tmp_path / 'top'), top_k=4, log_every=0)
+  summary = trainer.train(_student_config('', '--config.distill.teacher=',
+                                          f'--config.distill.offline_logits={tmp_path}/top'),
+                          str(tmp_path / 'offline'))
+  rows = [json.loads(x) for x in open(tmp_path / 'offline' / 'metrics.jsonl')]
+  assert summary['complete'] and all(np.isfinite(r['kd']) for r in rows if 'loss' in r)
+
+
 def test_trainer_refuses_bad_teachers_before_compiling(tiny_teacher, tmp_path):
   from flaxllm.train import trainer
   with pytest.raises(ConfigError, match='vocab_size 259 but the student has 300'):
