@@ -127,6 +127,8 @@ def base_config() -> ConfigDict:
   c.schedule.end_lr_frac = 0.1     # cosine/linear: final lr = lr * end_lr_frac
 
   c.z_loss = 0.0                   # coefficient of mean(logsumexp(logits)^2) (PaLM: 1e-4)
+  c.loss_chunk_size = 0            # > 0: head + loss over chunks of this many positions, so
+  #                                  only one chunk's logits live at once (decoder-only models)
   c.skip_nonfinite_steps = False   # skip updates whose loss/grads are NaN/inf instead of stopping
 
   c.log_every = 10
@@ -380,7 +382,7 @@ def validate(config: ConfigDict) -> ConfigDict:
   positive('total_steps', 'batch_size', 'seq_len', 'optim.lr', 'optim.accum_steps',
            'log_every', 'ckpt_every', 'keep_ckpts', 'eval_batches')
   positive('optim.weight_decay', 'optim.grad_clip', 'optim.eps', 'schedule.warmup_steps',
-           'z_loss', 'eval_every', 'peak_flops', 'data.max_files', 'data.max_bytes',
+           'z_loss', 'loss_chunk_size', 'eval_every', 'peak_flops', 'data.max_files', 'data.max_bytes',
            'data.worker_count', 'data.read_threads', 'sample.max_new_tokens',
            'sample.temperature', 'sample.top_k', allow_zero=True)
   _require(config.optim.name in OPTIMIZERS,

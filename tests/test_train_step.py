@@ -68,6 +68,23 @@ def test_loss_is_token_weighted_mean_and_z_loss_matches_hand_computation(model_a
   np.testing.assert_allclose(metrics['z_loss'], want_z / mask.sum(), rtol=1e-5)
 
 
+@pytest.mark.parametrize('tie', [False, True])
+def test_chunked_loss_equals_whole_logits_loss(tie):
+  """loss_chunk_size: the head and loss over chunks of 5 positions (16 is not a multiple:
+  the padded tail is masked) give the same sums and gradients as the whole [b, s, vocab]."""
+  model = _model(tie_embeddings=tie)
+  params = jax.jit(functools.partial(models.init_params, model))(jax.random.key(1))
+  batch = _batch()
+  whole = step_lib.lm_loss(model, z_loss=1e-2)
+  chunked = step_lib.lm_loss(model, z_loss=1e-2, chunk_size=5)
+  grad = lambda fn: jax.jit(jax.grad(lambda p: fn(p, {}, batch), has_aux=True))(params)
+  (g_whole, s_whole), (g_chunk, s_chunk) = grad(whole), grad(chunked)
+  for k in ('ce', 'z', 'tokens'):
+    np.testing.assert_allclose(s_chunk[k], s_whole[k], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               g_chunk, g_whole)
+
+
 def test_grad_accumulation_equals_full_batch_per_token(model_and_params):
   model, params = model_and_params
   batch, accum = _batch(batch=4), 4   # one row per micro-batch; rows have different token counts

@@ -83,12 +83,41 @@ def lm_sums(logits, batch, z_loss: float = 0.0):
 
 
 def lm_loss(model: nn.Module, *, z_loss: float = 0.0,
-            model_params: Callable[[Any, Any], Any] = _params_only) -> LossFn:
+            model_params: Callable[[Any, Any], Any] = _params_only,
+            chunk_size: int = 0) -> LossFn:
   """The language-modelling LossFn; `model_params(params, frozen)` assembles the tree that
-  `model` applies (the default: the trainable params themselves)."""
+  `model` applies (the default: the trainable params themselves).
+
+  With `chunk_size` > 0 (decoder-only models) the output head and the loss run over chunks of
+  that many positions under `jax.checkpoint` (`flaxllm.distill.losses.chunked_sums`): one
+  chunk's [batch, chunk, vocab] float32 logits are alive at a time instead of the whole
+  sequence's, which dominates activation memory at large vocabularies. Same sums and gradients.
+  """
+  if chunk_size:
+    return _chunked_lm_loss(model.cfg, z_loss, model_params, chunk_size)
+
   def loss_fn(params, frozen, batch, rng=None):
     logits = forward(model, model_params(params, frozen), batch, rng)
     return lm_sums(logits, batch, z_loss)
+  return loss_fn
+
+
+def _chunked_lm_loss(cfg, z_loss: float, model_params, chunk_size: int) -> LossFn:
+  from flaxllm.distill import losses as chunks  # pylint: disable=import-outside-toplevel
+  from flaxllm.distill import model as split  # pylint: disable=import-outside-toplevel
+
+  def loss_fn(params, frozen, batch, rng=None):
+    tree = model_params(params, frozen)
+    hidden = split.hidden_states(cfg, tree, batch, rng)     # [batch, seq, embed]
+    head = split.head_params(cfg, tree)
+
+    def chunk_sums(h, targets, mask):                       # [batch, chunk, ...]
+      logits = split.head_logits(cfg, head, h)
+      return lm_sums(logits, {'targets': targets, 'loss_mask': mask})[1]
+
+    sums = chunks.chunked_sums(chunk_sums, (hidden, batch['targets'], batch['loss_mask']),
+                               chunk_size)
+    return (sums['ce'] + z_loss * sums['z'] if z_loss else sums['ce']), sums
   return loss_fn
 
 

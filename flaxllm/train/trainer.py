@@ -129,7 +129,8 @@ class Programs(NamedTuple):
 
 
 # Keys of the config that the programs depend on (besides config.model and the mesh).
-_PROGRAM_KEYS = ('optim', 'schedule', 'total_steps', 'z_loss', 'skip_nonfinite_steps',
+_PROGRAM_KEYS = ('optim', 'schedule', 'total_steps', 'z_loss', 'loss_chunk_size',
+                 'skip_nonfinite_steps',
                  'parallel', 'finetune', 'distill')
 
 
@@ -162,7 +163,8 @@ def _build_programs(model_cfg: models.ModelConfig, key: str, mesh) -> Programs:
   if distill.enabled(config):
     split, model_params, train_loss = distill.wrap(config, model_cfg, split, model_params,
                                                    config.z_loss)
-  eval_loss = step_lib.lm_loss(model, z_loss=config.z_loss, model_params=model_params)
+  eval_loss = step_lib.lm_loss(model, z_loss=config.z_loss, model_params=model_params,
+                               chunk_size=config.loss_chunk_size)
   train_loss = train_loss or eval_loss
 
   # ---- shardings: params, trainable, frozen base and state, from the logical axis names ---
