@@ -29,7 +29,7 @@ import json
 import re
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 
@@ -119,29 +119,20 @@ def target_devices(target: str = 'cpu') -> tuple[list, str]:
   raise TargetUnavailable(f"unknown compile target {target!r}; use 'cpu' or 'tpu:<topology>'.")
 
 
-def compile_aot(fn: Callable, *abstract_args, in_shardings=None, out_shardings=None,
-                donate_argnums: Sequence[int] = (), context=None):
-  """jit + lower + compile `fn` for abstract (ShapeDtypeStruct) args; never runs it."""
-  if not isinstance(fn, jax.stages.Wrapped) or in_shardings is not None:
-    kw = {}
-    if in_shardings is not None:
-      kw['in_shardings'] = in_shardings
-    if out_shardings is not None:
-      kw['out_shardings'] = out_shardings
-    fn = jax.jit(fn, donate_argnums=tuple(donate_argnums), **kw)
-  import contextlib
-  with context or contextlib.nullcontext():
-    lowered = fn.lower(*abstract_args)
-    try:
-      return lowered.compile()
-    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs over HBM
-      text = str(e)
-      if 'RESOURCE_EXHAUSTED' not in text:
-        raise
-      detail = text.split('RESOURCE_EXHAUSTED:', 1)[1].strip().splitlines()[0].rstrip('.')
-      raise MemoryBudgetError(
-          f'the step does not fit in device memory ({detail[:300]}); shard over more devices '
-          '(mesh.fsdp), enable model.remat, or lower the per-device batch.') from None
+def compile_aot(jitted: Callable, *abstract_args):
+  """Lowers and compiles the jitted function `jitted` for abstract (ShapeDtypeStruct) args;
+  never runs it. MemoryBudgetError when the compiler refuses it for lack of device memory."""
+  lowered = jitted.lower(*abstract_args)
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs over HBM
+    text = str(e)
+    if 'RESOURCE_EXHAUSTED' not in text:
+      raise
+    detail = text.split('RESOURCE_EXHAUSTED:', 1)[1].strip().splitlines()[0].rstrip('.')
+    raise MemoryBudgetError(
+        f'the step does not fit in device memory ({detail[:300]}); shard over more devices '
+        '(mesh.fsdp), enable model.remat, or lower the per-device batch.') from None
 
 
 def _cost(compiled) -> dict:
@@ -193,7 +184,6 @@ def compile_train_step(config, mesh, target: str = '') -> MemoryReport:
   from flaxllm import models
   from flaxllm.distill import hooks as distill
   from flaxllm.parallel import rules as rules_lib
-  from flaxllm.parallel import sharding as sharding_lib
   from flaxllm.train import step as step_lib
   from flaxllm.train import trainer
 
@@ -208,8 +198,7 @@ def compile_train_step(config, mesh, target: str = '') -> MemoryReport:
                                    sharding=sharding) for k in step_lib.BATCH_KEYS}
   frozen = {} if programs.abstract_base is None else {'base': programs.abstract_base}
   t0 = time.perf_counter()
-  compiled = compile_aot(programs.train_step, programs.abstract_state, batch, frozen,
-                         context=sharding_lib.sharding_context(mesh, programs.rules))
+  compiled = compile_aot(programs.train_step, programs.abstract_state, batch, frozen)
   report = analyze(compiled, target or str(mesh.devices.flat[0].platform), mesh.devices.size,
                    time.perf_counter() - t0)
   model_flops = models.flops_per_token(programs.model_cfg, config.seq_len) * shape[0] * shape[1]

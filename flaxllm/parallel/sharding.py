@@ -16,7 +16,7 @@
 every array is created directly in its shards (the full model never sits on one host).
 `abstract_state` gives the same shardings on ShapeDtypeStructs without allocating: the target
 for restoring an orbax checkpoint onto this mesh (`ocp.args.StandardRestore(abstract)`), and
-the input of `aot.compile_step`.
+the inputs of an ahead-of-time compile (`aot.compile_train_step`).
 """
 from __future__ import annotations
 
