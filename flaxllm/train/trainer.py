@@ -130,8 +130,7 @@ class Programs(NamedTuple):
 
 # Keys of the config that the programs depend on (besides config.model and the mesh).
 _PROGRAM_KEYS = ('optim', 'schedule', 'total_steps', 'z_loss', 'loss_chunk_size',
-                 'skip_nonfinite_steps',
-                 'parallel', 'finetune', 'distill')
+                 'skip_nonfinite_steps', 'parallel', 'finetune', 'distill')
 
 
 def build_programs(config, mesh=None) -> Programs:
@@ -189,6 +188,9 @@ def _build_programs(model_cfg: models.ModelConfig, key: str, mesh) -> Programs:
         return fn(*args)
     return wrapped
 
+  def plain_params(trainable, frozen):
+    return finetune.full_params(config.finetune, distill.student_params(trainable), frozen)
+
   train_step = step_lib.make_train_step(
       train_loss, tx, optim.schedule_from_config(config), accum_steps=config.optim.accum_steps,
       skip_nonfinite=config.skip_nonfinite_steps, use_dropout=model_cfg.dropout > 0)
@@ -204,8 +206,9 @@ def _build_programs(model_cfg: models.ModelConfig, key: str, mesh) -> Programs:
       train_step=jax.jit(on_mesh(train_step), out_shardings=(state_sh, replicated),
                          donate_argnums=(0,)),
       eval_step=jax.jit(on_mesh(step_lib.make_eval_step(eval_loss)), out_shardings=replicated),
-      model_params=jax.jit(on_mesh(lambda trainable, frozen: finetune.full_params(
-          config.finetune, distill.student_params(trainable), frozen))))
+      # Full training: the trainable tree IS the model's (no jitted identity copying it).
+      model_params=plain_params if config.finetune.method == 'full' else
+      jax.jit(on_mesh(plain_params)))
 
 
 @jax.jit
@@ -319,16 +322,12 @@ def train(config, workdir: str, devices=None) -> dict:
 
     # ---- 4. State: resume or initialise; the frozen trees (fine-tuning base, teacher) ------
     restored = checkpoints.restore_latest(programs.abstract_state) if resuming else None
-    frozen = {}
     teacher = distill.frozen_teacher(config, mesh, programs.rules)
-    if teacher is not None:
-      frozen['teacher'] = teacher
-    state_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
-    trainable = None
-    if restored is None or programs.abstract_base is not None:  # the base is rebuilt, never checkpointed
+    trainable, base = None, None
+    if restored is None or programs.abstract_base is not None:  # the base is never saved
       trainable, base = start_params(config, programs, teacher)
-      if base is not None:
-        frozen['base'] = base
+    base_only = {} if base is None else {'base': base}
+    frozen = {**base_only, **({} if teacher is None else {'teacher': teacher})}
     if restored is not None:
       start_step, state, saved_data = restored
       if start_step < config.total_steps:
@@ -339,9 +338,8 @@ def train(config, workdir: str, devices=None) -> dict:
               'steps; raise --config.total_steps to train on).', flush=True)
     else:
       start_step, saved_data = 0, None
-      state = programs.init(trainable, state_rng)
-    del trainable
-    base_only = {k: v for k, v in frozen.items() if k == 'base'}
+      state = programs.init(trainable, seed_rngs(config)[1])
+    del trainable, base
 
     def model_params():
       """The model's plain params now (adapters merged): export, samples, on-policy data."""
@@ -492,12 +490,17 @@ def start_params(config, programs: Programs, teacher=None):
   init (with distill.init_every, layers copied from the `teacher`), split by the fine-tuning
   method. The base is the same every time, so checkpoints hold only the trainable tree."""
   from flaxllm.distill import hooks as distill  # pylint: disable=import-outside-toplevel
-  params_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
+  params_rng = seed_rngs(config)[0]
   if config.init_from:
     params = load_init_params(config.init_from, programs.abstract_params)
   else:
     params = distill.init_student(config, programs.init_params(params_rng), teacher)
   return programs.split(params, params_rng)
+
+
+def seed_rngs(config):
+  """(params_rng, state_rng) of `config.seed`: the initial params and the dropout stream."""
+  return jax.random.split(jax.random.PRNGKey(config.seed))
 
 
 def evaluate(eval_step, params, frozen, batches) -> dict:
