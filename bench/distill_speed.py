@@ -11,7 +11,6 @@ for a 32k vocabulary, where the [batch, seq, vocab] float32 tensors dominate.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -172,12 +171,8 @@ def main(argv=None):
             'load_avg': os.getloadavg(), 'batch': b, 'seq': s,
             'step_s': t, 'ratio_distill_over_plain': t['distill'] / t['plain'],
             'ratio_unchunked_over_plain': t['distill_unchunked'] / t['plain'], 'memory': mem}
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out + '.json', 'w') as f:
-    json.dump(result, f, indent=2)
-  with open(args.out + '.md', 'w') as f:
-    f.write(markdown(result))
-  print(json.dumps({k: v for k, v in result.items() if k != 'memory'}, indent=2))
+  import model_speed  # bench/model_speed.py: write_results
+  model_speed.write_results(args.out, result, markdown(result))
 
 
 if __name__ == '__main__':

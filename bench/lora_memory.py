@@ -5,16 +5,16 @@ LoRA and QLoRA for Llama 3.2 1B and Llama 3 8B, from XLA's compiled memory analy
 
 writes bench/results/lora_memory_cpu_<dtype>.{json,md}.
 
-Each variant is the trainer's step (`flaxllm.train.step.make_train_step` with `lm_loss` and the
-fine-tuning hooks of `flaxllm.peft.finetune`), compiled by `flaxllm.parallel.aot.compile_step`
+Each variant is `flaxllm compile` of `configs/pretrain.py:size=<model>` with
+`finetune.method=<method>` (`flaxllm.parallel.aot.compile_train_step`: the trainer's own step)
 for one device (the host CPU compiler: the same program, CPU buffer assignment), with
   model     scan_layers, remat='full', weights and compute in --dtype (bfloat16 or float32);
-  optimizer AdamW (state in the trainable params' dtype: bfloat16 for full fine-tuning,
-            float32 for the adapters), global-norm clipping;
+  optimizer the recipe's AdamW (weight decay mask, z-loss; state in the trainable params'
+            dtype: --dtype for full fine-tuning, float32 for the adapters), clipping;
   LoRA      rank 8, alpha 16, all linear layers except the head (PEFT's 'all-linear');
   QLoRA     the same adapters on an NF4 base (block 64, double quantisation);
   batch     1 x 2048 tokens.
-The frozen base is an argument of the step (not donated, returned unchanged); the state is
+The frozen base is an argument of the step (not donated, not returned); the state is
 donated. "optimizer state" counts the AdamW moments exactly from the abstract state.
 """
 from __future__ import annotations
@@ -46,50 +46,38 @@ def _bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def variant_config(model_name: str, method: str, *, batch: int, seq: int, rank: int,
+                   dtype: str):
+  """configs/pretrain.py for the preset `model_name` (scan_layers, remat='full') with the
+  fine-tuning `method`, on one device."""
+  from flaxllm import config as config_lib
+  return config_lib.load_config(f'{ROOT}/configs/pretrain.py:size={model_name}', [
+      f'--config.model.dtype={dtype}', f'--config.model.param_dtype={dtype}',
+      f'--config.batch_size={batch}', f'--config.seq_len={seq}',
+      f'--config.finetune.method={method}', f'--config.finetune.rank={rank}',
+      f'--config.finetune.alpha={2.0 * rank}'])
+
+
 def compile_variant(model_name: str, method: str, *, batch: int, seq: int, rank: int,
                     dtype: str = 'bfloat16'):
   import jax
-  import jax.numpy as jnp
-  import optax
   from flaxllm import models, parallel
   from flaxllm.parallel import aot
-  from flaxllm.peft import finetune
-  from flaxllm.train import step as step_lib
+  from flaxllm.train import trainer
 
-  cfg = models.presets.get(model_name, scan_layers=True, remat='full', dtype=dtype,
-                           param_dtype=dtype)
-  model = models.build(cfg)
-  ft = {'method': method, 'targets': ('all-linear',), 'rank': rank, 'alpha': 2.0 * rank,
-        'quant': 'nf4', 'double_quant': True}
-  split, model_params = finetune.hooks(ft)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95))
-  schedule = lambda step: 1e-4
-  train_step = step_lib.make_train_step(
-      step_lib.lm_loss(model, model_params=model_params), tx, schedule)
-
-  def init(rng):
-    params = models.init_params(model, rng)
-    trainable, base = split(params, rng)
-    return step_lib.init_state(trainable, tx, rng), ({} if base is None else {'base': base})
-
-  def step(carry, batch):
-    state, frozen = carry
-    state, metrics = train_step(state, batch, frozen)
-    return (state, frozen), metrics
-
-  abstract_state, abstract_frozen = jax.eval_shape(init, jax.random.key(0))
-  mesh = parallel.make_mesh({'fsdp': 1}, jax.devices()[:1])
-  shapes = {k: ((batch, seq), jnp.float32 if k == 'loss_mask' else jnp.int32)
-            for k in step_lib.BATCH_KEYS}
+  config = variant_config(model_name, method, batch=batch, seq=seq, rank=rank, dtype=dtype)
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   t0 = time.perf_counter()
-  report = aot.compile_step(step, init, (jax.random.key(0),), shapes, mesh, 'fsdp',
-                            param_specs=parallel.param_specs(model), target='cpu (1 device)')
+  report = aot.compile_train_step(config, mesh, target='cpu (1 device)')
+  programs = trainer.build_programs(config, mesh)  # cached: the programs just compiled
+  state, base = programs.abstract_state, programs.abstract_base
   return {
-      'model': model_name, 'method': method, 'params': models.param_count(cfg)['total'],
-      'trainable': sum(x.size for x in jax.tree.leaves(abstract_state.params)),
-      'trainable_bytes': _bytes(abstract_state.params),
-      'optimizer_state_bytes': _bytes(abstract_state.opt_state),
-      'frozen_bytes': _bytes(abstract_frozen),
+      'model': model_name, 'method': method,
+      'params': models.param_count(models.ModelConfig.from_dict(config.model))['total'],
+      'trainable': sum(x.size for x in jax.tree.leaves(state.params)),
+      'trainable_bytes': _bytes(state.params),
+      'optimizer_state_bytes': _bytes(state.opt_state),
+      'frozen_bytes': 0 if base is None else _bytes(base),
       'argument_bytes': report.argument_bytes, 'output_bytes': report.output_bytes,
       'alias_bytes': report.alias_bytes, 'temp_bytes': report.temp_bytes,
       'total_bytes': report.total_bytes, 'compile_s': round(time.perf_counter() - t0, 1),
@@ -97,13 +85,12 @@ def compile_variant(model_name: str, method: str, *, batch: int, seq: int, rank:
 
 
 def write(rows, args, path):
+  import model_speed  # bench/model_speed.py: write_results
   from flaxllm.parallel.aot import fmt_bytes
   meta = {'date': datetime.date.today().isoformat(), 'machine': platform.processor() or
           platform.machine(), 'cpus': os.cpu_count(), 'batch': args.batch, 'seq': args.seq,
           'rank': args.rank, 'dtype': args.dtype,
           'command': f'python bench/lora_memory.py --dtype={args.dtype}'}
-  with open(path + '.json', 'w') as f:
-    json.dump({'meta': meta, 'rows': rows}, f, indent=2)
   lines = ['# Fine-tuning step memory (ahead-of-time compile, nothing run)', '',
            f'`{meta["command"]}` on {meta["date"]} ({meta["machine"]}, {meta["cpus"]} CPUs); '
            f'per-device bytes from `compiled.memory_analysis()` of the step compiled for one '
@@ -124,14 +111,12 @@ def write(rows, args, path):
         f'{fmt_bytes(r["argument_bytes"])} | {fmt_bytes(r["output_bytes"])} | '
         f'{fmt_bytes(r["temp_bytes"])} | {fmt_bytes(r["total_bytes"])} | {100 * ratio:.2f}% |')
   lines += ['', 'total = arguments + outputs - donated (aliased) + temporaries + code. The '
-            'frozen base is an argument that the step returns unchanged (aliased), so it counts '
+            'frozen base is an argument of the step (neither donated nor returned), so it counts '
             'once. CPU buffer assignment differs from TPU/GPU, so temporaries are indicative; '
             'arguments, outputs and optimizer state are exact.', '']
   if args.dtype == 'bfloat16':
     lines += [BF16_NOTE, '']
-  with open(path + '.md', 'w') as f:
-    f.write('\n'.join(lines))
-  print('\n'.join(lines))
+  model_speed.write_results(path, {'meta': meta, 'rows': rows}, '\n'.join(lines))
 
 
 def main(argv=None):

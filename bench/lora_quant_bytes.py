@@ -7,7 +7,6 @@ config's model, Llama 3.2 1B and Llama 3 8B; all Linear kernels but the head are
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 
@@ -54,9 +53,6 @@ def main():
   rows = [r for name in ('default', 'llama3.2_1b', 'llama3_8b') for r in measure(name)]
   meta = {'date': datetime.date.today().isoformat(),
           'command': 'python bench/lora_quant_bytes.py'}
-  os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, 'lora_quant_bytes.json'), 'w') as f:
-    json.dump({'meta': meta, 'rows': rows}, f, indent=2)
   lines = ['# Bytes per parameter of the quantised base (QLoRA)', '',
            f'`{meta["command"]}` on {meta["date"]}: sizes of the abstract trees from '
            '`flaxllm.peft.quant.quantize_tree` (all Linear kernels but the output head; '
@@ -73,9 +69,9 @@ def main():
                  f'{r["bytes"] / 2**30:.3f} GiB | {r["bytes_per_param"]:.3f} | '
                  f'{r["quantized_params"]:,} | {f"{q:.4f}" if q else "-"} |')
   lines.append('')
-  with open(os.path.join(RESULTS, 'lora_quant_bytes.md'), 'w') as f:
-    f.write('\n'.join(lines))
-  print('\n'.join(lines))
+  import model_speed  # bench/model_speed.py: write_results
+  model_speed.write_results(os.path.join(RESULTS, 'lora_quant_bytes'),
+                            {'meta': meta, 'rows': rows}, '\n'.join(lines))
 
 
 if __name__ == '__main__':

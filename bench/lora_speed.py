@@ -3,9 +3,9 @@
 
     .venv/bin/python bench/lora_speed.py      # writes bench/results/lora_speed_cpu.{json,md}
 
-All variants run the trainer's step (`flaxllm.train.step.make_train_step` with `lm_loss` and the
-fine-tuning hooks of `flaxllm.peft.finetune`, the optimizer of the config: AdamW + clipping,
-state donated) on the same batch and the same base weights. LoRA: rank 8, alpha 16, all linear
+All variants run the trainer's own programs (`flaxllm.train.trainer.build_programs` of the
+config with `finetune.method=<method>`: split, init and the donated train step) on the same
+batch and the same base weights. LoRA: rank 8, alpha 16, all linear
 layers but the head; QLoRA: the same on an NF4 base (block 64, double quantisation),
 dequantised on the fly. The variants are timed alternately in one process (`--steps` steps each
 per repetition), so load from other processes hits all alike; figures are medians over `--reps`.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -40,37 +39,28 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   import jax
-  import jax.numpy as jnp
   from flaxllm import config as config_lib
-  from flaxllm import models
-  from flaxllm.peft import finetune
-  from flaxllm.train import optim
-  from flaxllm.train import step as step_lib
+  from flaxllm import parallel
+  from flaxllm.train import trainer
+  import model_speed  # bench/model_speed.py: train_batch, write_results
 
-  config = config_lib.load_config(args.config)
-  model = models.build(config.model)
-  batch, seq = config.batch_size, config.seq_len
-  params = models.init_params(model, jax.random.key(0))
-  tokens = np.random.default_rng(0).integers(3, config.model.vocab_size, (batch, seq + 1),
+  base_config = config_lib.load_config(args.config)
+  batch, seq = base_config.batch_size, base_config.seq_len
+  tokens = np.random.default_rng(0).integers(3, base_config.model.vocab_size, (batch, seq + 1),
                                              dtype=np.int32)
-  jbatch = {'inputs': jnp.asarray(tokens[:, :-1]), 'targets': jnp.asarray(tokens[:, 1:]),
-            'positions': jnp.asarray(np.tile(np.arange(seq, dtype=np.int32), (batch, 1))),
-            'segment_ids': jnp.ones((batch, seq), jnp.int32),
-            'loss_mask': jnp.ones((batch, seq), jnp.float32)}
+  jbatch = model_speed.train_batch(tokens)
   runs = {}
   for method in args.methods.split(','):
-    ft = {'method': method, 'targets': ('all-linear',), 'rank': args.rank,
-          'alpha': 2.0 * args.rank, 'quant': 'nf4', 'double_quant': True}
-    split, model_params = finetune.hooks(ft)
-    trainable, base = jax.jit(split)(params, jax.random.key(1))
-    frozen = {} if base is None else {'base': base}
-    tx = optim.make_optimizer(config, trainable)
-    step = jax.jit(step_lib.make_train_step(
-        step_lib.lm_loss(model, model_params=model_params), tx,
-        optim.schedule_from_config(config)), donate_argnums=(0,))
-    state = step_lib.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(2))
-    runs[method] = {'step': step, 'state': state, 'frozen': frozen, 'times': [], 'loss': [],
-                    'trainable': int(sum(x.size for x in jax.tree.leaves(trainable)))}
+    config = config_lib.load_config(args.config, [
+        f'--config.finetune.method={method}', f'--config.finetune.rank={args.rank}',
+        f'--config.finetune.alpha={2.0 * args.rank}'])
+    programs = trainer.build_programs(config, parallel.make_mesh(config.mesh, jax.devices()[:1]))
+    key = jax.random.PRNGKey(0)  # the same base weights for every method
+    trainable, base = programs.split(programs.init_params(key), key)
+    count = int(sum(x.size for x in jax.tree.leaves(trainable)))
+    runs[method] = {'step': programs.train_step, 'state': programs.init(trainable, key),
+                    'frozen': {} if base is None else {'base': base}, 'times': [], 'loss': [],
+                    'trainable': count}
 
   def run(method):
     r = runs[method]
@@ -104,31 +94,26 @@ def main(argv=None):
           'load_before': load_before, 'load_after': os.getloadavg()[0],
           'batch': batch, 'seq': seq, 'reps': args.reps, 'steps': args.steps,
           'rank': args.rank, 'command': 'python bench/lora_speed.py'}
-  print(json.dumps({'meta': meta, 'rows': rows}, indent=2))
-  if args.out:
-    with open(args.out + '.json', 'w') as f:
-      json.dump({'meta': meta, 'rows': rows}, f, indent=2)
-    lines = ['# LoRA / QLoRA vs full fine-tuning: train step speed on CPU', '',
-             f'`{meta["command"]}` on {meta["date"]} ({meta["machine"]}, {meta["cpus"]} CPUs '
-             f'shared with other jobs; load average {load_before:.1f} before, '
-             f'{meta["load_after"]:.1f} after). configs/default.py model and batch '
-             f'({batch} x {seq} tokens, float32), medians of {args.reps} repetitions of '
-             f'{args.steps} steps, variants interleaved. LoRA rank {args.rank}, alpha '
-             f'{2 * args.rank}, all linear layers but the head; QLoRA: NF4 base (block 64, '
-             'double quantisation).', '',
-             '| method | trainable params | step (s) | tokens/s | vs full |',
-             '|---|---|---|---|---|']
-    for m, r in rows.items():
-      vs = f'{r["vs_full"]:.2f}x' if r['vs_full'] else '-'
-      lines.append(f'| {m} | {r["trainable"]:,} | {r["step_s"]:.3f} | '
-                   f'{r["tokens_per_s"]:.0f} | {vs} |')
-    lines += ['', 'On this small model the frozen base still costs its full forward and the '
-              "input-gradient half of the backward pass; LoRA saves the weight gradients and "
-              'the optimizer update of the base. QLoRA adds the NF4 dequantisation of every '
-              'kernel in the forward pass and again in the backward pass (recomputed, not '
-              'stored).', '']
-    with open(args.out + '.md', 'w') as f:
-      f.write('\n'.join(lines))
+  lines = ['# LoRA / QLoRA vs full fine-tuning: train step speed on CPU', '',
+           f'`{meta["command"]}` on {meta["date"]} ({meta["machine"]}, {meta["cpus"]} CPUs '
+           f'shared with other jobs; load average {load_before:.1f} before, '
+           f'{meta["load_after"]:.1f} after). configs/default.py model and batch '
+           f'({batch} x {seq} tokens, float32), medians of {args.reps} repetitions of '
+           f'{args.steps} steps, variants interleaved. LoRA rank {args.rank}, alpha '
+           f'{2 * args.rank}, all linear layers but the head; QLoRA: NF4 base (block 64, '
+           'double quantisation).', '',
+           '| method | trainable params | step (s) | tokens/s | vs full |',
+           '|---|---|---|---|---|']
+  for m, r in rows.items():
+    vs = f'{r["vs_full"]:.2f}x' if r['vs_full'] else '-'
+    lines.append(f'| {m} | {r["trainable"]:,} | {r["step_s"]:.3f} | '
+                 f'{r["tokens_per_s"]:.0f} | {vs} |')
+  lines += ['', 'On this small model the frozen base still costs its full forward and the '
+            "input-gradient half of the backward pass; LoRA saves the weight gradients and "
+            'the optimizer update of the base. QLoRA adds the NF4 dequantisation of every '
+            'kernel in the forward pass and again in the backward pass (recomputed, not '
+            'stored).', '']
+  model_speed.write_results(args.out, {'meta': meta, 'rows': rows}, '\n'.join(lines))
 
 
 if __name__ == '__main__':

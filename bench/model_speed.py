@@ -252,6 +252,16 @@ def main(argv=None):
   return result
 
 
+def train_batch(tokens):
+  """A train batch (flaxllm.data layout) of token rows [batch, seq + 1]: next-token targets,
+  one document per row, every token counted."""
+  import jax.numpy as jnp
+  b, s = tokens.shape[0], tokens.shape[1] - 1
+  return {'inputs': jnp.asarray(tokens[:, :-1]), 'targets': jnp.asarray(tokens[:, 1:]),
+          'positions': jnp.asarray(np.tile(np.arange(s, dtype=np.int32), (b, 1))),
+          'segment_ids': jnp.ones((b, s), jnp.int32), 'loss_mask': jnp.ones((b, s), jnp.float32)}
+
+
 def write_results(out, result, table):
   """Prints the markdown table; writes `out`.json and `out`.md unless out is empty."""
   print(table)

@@ -54,7 +54,6 @@ def main(argv=None):
     os.environ.setdefault('OMP_WAIT_POLICY', args.omp_wait_policy)
 
   import jax
-  import jax.numpy as jnp
   import torch
   import torch.nn.functional as F
 
@@ -84,10 +83,7 @@ def main(argv=None):
   tmodel = model_speed.torch_model(cfg, params, args.attn).train()
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, cfg.vocab_size, (batch, seq + 1), dtype=np.int32)
-  jbatch = {'inputs': jnp.asarray(tokens[:, :-1]), 'targets': jnp.asarray(tokens[:, 1:]),
-            'positions': jnp.asarray(np.tile(np.arange(seq, dtype=np.int32), (batch, 1))),
-            'segment_ids': jnp.ones((batch, seq), jnp.int32),
-            'loss_mask': jnp.ones((batch, seq), jnp.float32)}
+  jbatch = model_speed.train_batch(tokens)
   t_in = torch.from_numpy(tokens[:, :-1].astype(np.int64))
   t_tg = torch.from_numpy(tokens[:, 1:].astype(np.int64))
   no_decay = [p for n, p in tmodel.named_parameters() if 'norm' in n or 'embed' in n]
