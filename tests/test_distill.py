@@ -15,8 +15,8 @@ import pytest
 from flaxllm import models
 from flaxllm.distill import losses
 from flaxllm.distill import loss as loss_lib
-from flaxllm.distill import model as model_lib
 from flaxllm.distill import teacher as teacher_lib
+from flaxllm.models import split as model_lib
 from flaxllm.models.config import ConfigError
 from flaxllm.train import step as step_lib
 
@@ -115,7 +115,7 @@ def test_chunked_sums_equal_unchunked_values_and_gradients():
   def total(w, chunk):
     fn = lambda a, b, tg, m: losses.token_sums(a @ w, tg, m, teacher_logits=b @ w * 1.3,
                                                kind='jsd', beta=0.2, temperature=2.0)
-    sums = losses.chunked_sums(fn, (h, ht, targets, mask), chunk)
+    sums = model_lib.chunked_sums(fn, (h, ht, targets, mask), chunk)
     return sums['kd'] + sums['ce'], sums
 
   (v0, s0), g0 = jax.value_and_grad(total, has_aux=True)(w, 0)

@@ -12,7 +12,7 @@ token as `kd`) and 'hidden' when the hidden-state loss is on.
 The student runs with `model_params(params, frozen)` (so LoRA and freezing compose); the
 teacher runs on `frozen['teacher']` under `stop_gradient` in the same jitted step (no
 gradient, no optimizer state). Both models stop at their final hidden states and the output
-heads run over sequence chunks of `chunk_size` positions (`losses.chunked_sums`): only one
+heads run over sequence chunks of `chunk_size` positions (`model_lib.chunked_sums`): only one
 [batch, chunk, vocab] block of each model's logits is alive at a time. An offline teacher
 reads its top-k (values, indices) from the batch instead (`teacher_values`,
 `teacher_indices` [batch, seq, k], see flaxllm.distill.offline) and runs no forward at all.
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxllm.distill import losses
-from flaxllm.distill import model as model_lib
+from flaxllm.models import split as model_lib
 from flaxllm.models.config import ModelConfig
 
 PROJ_KEY = 'distill_proj'   # trainable top-level key of the hidden-state projection
@@ -103,7 +103,7 @@ def distill_loss(student_cfg: ModelConfig, teacher_cfg: Optional[ModelConfig],
                                  teacher_logits=t_logits, top_k=s.top_k, ce_weight=w, **kd_kw)
       xs = (hs, ht, batch['targets'], ce_w, mask)
 
-    sums = losses.chunked_sums(chunk_fn, xs, s.chunk_size)
+    sums = model_lib.chunked_sums(chunk_fn, xs, s.chunk_size)
     ce_train = sums.pop('ce_train')
     objective = s.alpha * sums['kd'] + (1.0 - s.alpha) * ce_train
     if z_loss:

@@ -26,7 +26,8 @@ puts elsewhere, r = 1 - sum_k q_i, is one extra bucket where the teacher has zer
 are exact for that truncated teacher; reverse KL (and jsd with beta=1) is infinite wherever
 the student puts mass outside the teacher's top-k, so top-k with reverse KL is refused.
 
-`token_sums` computes CE, z and KD sums of one chunk of positions from logits; `chunked_sums`
+`token_sums` computes CE, z and KD sums of one chunk of positions from logits;
+`flaxllm.models.split.chunked_sums`
 runs it over sequence chunks under `lax.scan` + `jax.checkpoint`, so only one
 [batch, chunk, vocab] float32 block of student and teacher logits lives at a time, in the
 forward and in the backward pass.
@@ -34,7 +35,6 @@ forward and in the backward pass.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -133,38 +133,6 @@ def token_sums(student_logits, targets, mask, *, teacher_logits=None, teacher_to
   return {'ce': jnp.sum(ce * mask), 'ce_train': jnp.sum(ce * w),
           'z': jnp.sum(jnp.square(lse) * mask),
           'kd': temperature ** 2 * jnp.sum(div * mask), 'tokens': jnp.sum(mask)}
-
-
-def chunked_sums(fn: Callable[..., dict], xs: tuple, chunk: Optional[int]) -> dict:
-  """sum over sequence chunks of `fn(*chunk_of_xs) -> dict of scalar sums`.
-
-  `xs`: arrays [batch, seq, ...] (hidden states, targets, mask, ...); the LAST one must be the
-  mask (padding added to reach a multiple of `chunk` gets mask 0). With `chunk` None/0 or
-  >= seq, `fn` sees the whole sequence. Otherwise `lax.scan` runs `jax.checkpoint(fn)` chunk
-  by chunk: a chunk's logits are recomputed in the backward pass instead of being stored, so
-  peak memory holds one chunk of logits instead of all of them.
-  """
-  seq = xs[0].shape[1]
-  if not chunk or chunk >= seq:
-    return fn(*xs)
-  n = -(-seq // chunk)
-  pad = n * chunk - seq
-
-  def split(x):
-    if pad:
-      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)          # [n, batch, chunk, ...]
-
-  body_fn = jax.checkpoint(fn)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(fn, *[x[:, :chunk] for x in xs]))
-
-  def body(carry, chunk_xs):
-    return jax.tree.map(jnp.add, carry, body_fn(*chunk_xs)), None
-
-  sums, _ = jax.lax.scan(body, zeros, tuple(split(x) for x in xs))
-  return sums
 
 
 # ----------------------------------------------------------------------------- hidden states

@@ -89,7 +89,7 @@ def lm_loss(model: nn.Module, *, z_loss: float = 0.0,
   `model` applies (the default: the trainable params themselves).
 
   With `chunk_size` > 0 (decoder-only models) the output head and the loss run over chunks of
-  that many positions under `jax.checkpoint` (`flaxllm.distill.losses.chunked_sums`): one
+  that many positions under `jax.checkpoint` (`flaxllm.models.split.chunked_sums`): one
   chunk's [batch, chunk, vocab] float32 logits are alive at a time instead of the whole
   sequence's, which dominates activation memory at large vocabularies. Same sums and gradients.
   """
@@ -103,8 +103,7 @@ def lm_loss(model: nn.Module, *, z_loss: float = 0.0,
 
 
 def _chunked_lm_loss(cfg, z_loss: float, model_params, chunk_size: int) -> LossFn:
-  from flaxllm.distill import losses as chunks  # pylint: disable=import-outside-toplevel
-  from flaxllm.distill import model as split  # pylint: disable=import-outside-toplevel
+  from flaxllm.models import split  # pylint: disable=import-outside-toplevel
 
   def loss_fn(params, frozen, batch, rng=None):
     tree = model_params(params, frozen)
@@ -115,7 +114,7 @@ def _chunked_lm_loss(cfg, z_loss: float, model_params, chunk_size: int) -> LossF
       logits = split.head_logits(cfg, head, h)
       return lm_sums(logits, {'targets': targets, 'loss_mask': mask})[1]
 
-    sums = chunks.chunked_sums(chunk_sums, (hidden, batch['targets'], batch['loss_mask']),
+    sums = split.chunked_sums(chunk_sums, (hidden, batch['targets'], batch['loss_mask']),
                                chunk_size)
     return (sums['ce'] + z_loss * sums['z'] if z_loss else sums['ce']), sums
   return loss_fn

@@ -3,12 +3,16 @@
 `hidden_states(cfg, params, batch)` runs the same modules as `flaxllm.models.Decoder` (same
 parameter tree, so the params of a Decoder apply unchanged) up to the final norm, and
 `head_logits(cfg, params, hidden)` applies the output head (tied embedding or lm_head). Their
-composition equals `Decoder.apply` (tested); splitting them lets the distillation loss
-compute [batch, chunk, vocab] logits one sequence chunk at a time.
+composition equals `Decoder.apply` (tested); splitting them lets a loss compute
+[batch, chunk, vocab] logits one sequence chunk at a time with `chunked_sums` (the trainer's
+`loss_chunk_size`, the distillation loss).
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flaxllm.models import transformer
@@ -69,4 +73,37 @@ def logits(cfg: ModelConfig, params, batch, rng=None):
   return head_logits(cfg, params, hidden_states(cfg, params, batch, rng))
 
 
-__all__ = ['DecoderHidden', 'hidden_states', 'head_logits', 'head_params', 'logits']
+def chunked_sums(fn: Callable[..., dict], xs: tuple, chunk: Optional[int]) -> dict:
+  """sum over sequence chunks of `fn(*chunk_of_xs) -> dict of scalar sums`.
+
+  `xs`: arrays [batch, seq, ...] (hidden states, targets, mask, ...); the LAST one must be the
+  mask (padding added to reach a multiple of `chunk` gets mask 0). With `chunk` None/0 or
+  >= seq, `fn` sees the whole sequence. Otherwise `lax.scan` runs `jax.checkpoint(fn)` chunk
+  by chunk: a chunk's logits are recomputed in the backward pass instead of being stored, so
+  peak memory holds one chunk of logits instead of all of them.
+  """
+  seq = xs[0].shape[1]
+  if not chunk or chunk >= seq:
+    return fn(*xs)
+  n = -(-seq // chunk)
+  pad = n * chunk - seq
+
+  def split(x):
+    if pad:
+      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)          # [n, batch, chunk, ...]
+
+  body_fn = jax.checkpoint(fn)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(fn, *[x[:, :chunk] for x in xs]))
+
+  def body(carry, chunk_xs):
+    return jax.tree.map(jnp.add, carry, body_fn(*chunk_xs)), None
+
+  sums, _ = jax.lax.scan(body, zeros, tuple(split(x) for x in xs))
+  return sums
+
+
+__all__ = ['DecoderHidden', 'hidden_states', 'head_logits', 'head_params', 'logits',
+           'chunked_sums']
