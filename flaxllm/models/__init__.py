@@ -23,10 +23,7 @@ def build(model_config, *, decode: bool = False, deterministic: bool = True) -> 
   """A Linen module for `model_config` (ModelConfig, dict or ConfigDict; validated here)."""
   cfg = ModelConfig.from_dict(model_config)
   if cfg.arch == 'encoder_decoder':
-    if decode:
-      raise ConfigError('KV-cache decoding is implemented for decoder-only models; '
-                        "use model.arch='decoder' or decode=False.")
-    return EncoderDecoder(cfg, deterministic=deterministic)
+    return EncoderDecoder(cfg, decode=decode, deterministic=deterministic)
   return Decoder(cfg, decode=decode, deterministic=deterministic)
 
 

@@ -1,71 +1,44 @@
 """The decoder split at its output head: final hidden states, then logits chunk by chunk.
 
-`hidden_states(cfg, params, batch)` runs the same modules as `flaxllm.models.Decoder` (same
-parameter tree, so the params of a Decoder apply unchanged) up to the final norm, and
-`head_logits(cfg, params, hidden)` applies the output head (tied embedding or lm_head). Their
-composition equals `Decoder.apply` (tested); splitting them lets a loss compute
-[batch, chunk, vocab] logits one sequence chunk at a time with `chunked_sums` (the trainer's
-`loss_chunk_size`, the distillation loss).
+`hidden_states(cfg, params, batch)` applies `Decoder.hidden_states` (up to the final norm) and
+`head_logits(cfg, params, hidden)` `Decoder.head` (tied embedding or lm_head), the decoder's
+public seams. Their composition equals `Decoder.apply` (tested); splitting them lets a loss
+compute [batch, chunk, vocab] logits one sequence chunk at a time with `chunked_sums` (the
+trainer's `loss_chunk_size`, the distillation loss).
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flaxllm.models import transformer
 from flaxllm.models.config import ModelConfig
-from flaxllm.models.layers import constrain
 
 
-class DecoderHidden(nn.Module):
-  """`flaxllm.models.Decoder` without the output head: tokens -> [batch, seq, embed]."""
-  cfg: ModelConfig
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None):
-    cfg = self.cfg
-    positions = transformer._default_positions(tokens, positions)  # pylint: disable=protected-access
-    tok, pos = transformer._embedders(cfg)  # pylint: disable=protected-access
-    x = transformer._embed_inputs(cfg, tok, pos, tokens, positions,  # pylint: disable=protected-access
-                                  self.deterministic)
-    return transformer.Stack(cfg, cfg.num_layers, causal=True, deterministic=self.deterministic,
-                             name='decoder')(x, positions, segment_ids)
+def _model(cfg: ModelConfig, rng=None):
+  return transformer.Decoder(cfg, deterministic=rng is None or cfg.dropout == 0)
 
 
 def hidden_states(cfg: ModelConfig, params, batch, rng=None):
-  """Final (normed) hidden states [batch, seq, embed] of a packed batch; dropout with `rng`."""
-  module = DecoderHidden(cfg, deterministic=rng is None or cfg.dropout == 0)
+  """Final (normed) hidden states [batch, seq, embed] of a packed batch; dropout with `rng`
+  (`Decoder.hidden_states`; the head's params are not needed)."""
   body = {k: v for k, v in params.items() if k != 'lm_head'}
   rngs = {'dropout': rng} if rng is not None and cfg.dropout > 0 else None
-  return module.apply({'params': body}, batch['inputs'], batch['positions'],
-                      batch['segment_ids'], rngs=rngs)
-
-
-def head_logits(cfg: ModelConfig, params, hidden):
-  """Logits [..., vocab] of hidden states [..., embed], exactly as the Decoder's head."""
-  dtype = jnp.dtype(cfg.dtype)
-  if cfg.tie_embeddings:
-    w = params['embed']['embedding']                     # [vocab, embed]
-    logits = jnp.einsum('...d,vd->...v', hidden.astype(dtype), w.astype(dtype))
-  else:
-    w = params['lm_head']['kernel']                      # [embed, vocab]
-    if hasattr(w, 'contract'):   # a LoRA / quantised kernel object (flaxllm.peft), as in Linear
-      logits = w.contract(hidden, 1, dtype, None)
-    else:
-      logits = jnp.tensordot(hidden.astype(dtype), w.astype(dtype), axes=1)
-  logits = logits.astype(jnp.dtype(cfg.logits_dtype))
-  if logits.ndim == 3:
-    logits = constrain(logits, ('batch', 'length', 'vocab'))
-  return logits
+  return _model(cfg, rng).apply({'params': body}, batch['inputs'], batch['positions'],
+                                batch['segment_ids'], rngs=rngs, method='hidden_states')
 
 
 def head_params(cfg: ModelConfig, params):
   """The part of `params` the head reads (so chunked loops close over nothing else)."""
   return {'embed': params['embed']} if cfg.tie_embeddings else {'lm_head': params['lm_head']}
+
+
+def head_logits(cfg: ModelConfig, params, hidden):
+  """Logits [..., vocab] of hidden states [..., embed] (`Decoder.head`); `params` needs only
+  the head's part (`head_params`)."""
+  return _model(cfg).apply({'params': head_params(cfg, params)}, hidden, method='head')
 
 
 def logits(cfg: ModelConfig, params, batch, rng=None):
@@ -105,5 +78,5 @@ def chunked_sums(fn: Callable[..., dict], xs: tuple, chunk: Optional[int]) -> di
   return sums
 
 
-__all__ = ['DecoderHidden', 'hidden_states', 'head_logits', 'head_params', 'logits',
+__all__ = ['hidden_states', 'head_logits', 'head_params', 'logits',
            'chunked_sums']

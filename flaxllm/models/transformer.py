@@ -99,8 +99,9 @@ class Stack(nn.Module):
     return x
 
 
-def _embed_inputs(cfg, token_embed, pos_embed, tokens, positions, deterministic):
-  """Token embedding (optionally scaled by sqrt(d_model)) plus absolute positions."""
+def embed_inputs(cfg: ModelConfig, token_embed, pos_embed, dropout, tokens, positions):
+  """Token embedding (optionally scaled by sqrt(d_model)) plus absolute positions, then
+  dropout: [batch, seq] -> [batch, seq, embed]."""
   x = token_embed(tokens)
   if cfg.scale_embeddings:
     x = x * math.sqrt(cfg.d_model)
@@ -108,76 +109,104 @@ def _embed_inputs(cfg, token_embed, pos_embed, tokens, positions, deterministic)
     x = x + pos_embed(positions)
   elif cfg.position == 'sinusoidal':
     x = x + sinusoidal_positions(positions, cfg.d_model).astype(x.dtype)
-  x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
-  return constrain(x, ('batch', 'length', 'embed'))
+  return constrain(dropout(x), ('batch', 'length', 'embed'))
 
 
-def _embedders(cfg):
-  """The token embedding and, for position='learned', the position table."""
-  tok = embed(cfg, cfg.vocab_size, ('vocab', 'embed'), name='embed')
-  pos = (embed(cfg, cfg.max_seq_len, ('length', 'embed'), name='pos_embed')
-         if cfg.position == 'learned' else None)
-  return tok, pos
-
-
-def _default_positions(tokens, positions):
+def default_positions(tokens, positions=None):
+  """`positions`, or 0..seq-1 for every row of `tokens` [batch, seq]."""
   if positions is not None:
     return positions
   return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
-def _output_logits(cfg, token_embed, x):
-  """[batch, seq, embed] -> logits [batch, seq, vocab] (tied head or lm_head)."""
-  if cfg.tie_embeddings:
-    logits = token_embed.attend(x)
-  else:
-    logits = dense(cfg, (cfg.vocab_size,), ('embed', 'vocab'), bias=False, name='lm_head')(x)
-  return constrain(logits.astype(jnp.dtype(cfg.logits_dtype)), ('batch', 'length', 'vocab'))
+class _Embedded(nn.Module):
+  """What every model here shares: the token embedding `embed` (also the tied output head),
+  the learned position table `pos_embed` (position='learned') and the embedding dropout.
+  Subclasses call `setup_embeddings()` in their `setup`; parameter names stay top-level."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  def setup_embeddings(self):
+    cfg = self.cfg
+    self.embed = embed(cfg, cfg.vocab_size, ('vocab', 'embed'), name='embed')
+    self.pos_embed = (embed(cfg, cfg.max_seq_len, ('length', 'embed'), name='pos_embed')
+                      if cfg.position == 'learned' else None)
+    self.dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    dense(cfg, (cfg.vocab_size,), ('embed', 'vocab'), bias=False,
+                          name='lm_head'))
+
+  def embed_tokens(self, tokens, positions):
+    return embed_inputs(self.cfg, self.embed, self.pos_embed, self.dropout, tokens, positions)
+
+  def head(self, hidden):
+    """The output head: hidden states [..., embed] -> logits [..., vocab] (the tied token
+    embedding, or `lm_head`); reads only those params."""
+    logits = self.embed.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
+    logits = logits.astype(jnp.dtype(self.cfg.logits_dtype))
+    return constrain(logits, ('batch', 'length', 'vocab')) if logits.ndim == 3 else logits
 
 
-class Decoder(nn.Module):
+class Decoder(_Embedded):
   """Decoder-only language model (GPT-2, LLaMA family).
 
   tokens [batch, seq] int32 -> logits [batch, seq, vocab]. `positions` [batch, seq] default to
   0..seq-1; `segment_ids` [batch, seq] keep packed documents apart (0 = padding). With
   `decode=True` keys/values go to the 'cache' collection (see `flaxllm.generate`).
+
+  Public seams (`model.apply(..., method=...)`): `hidden_states` (the final normed hidden
+  states [batch, seq, embed]) and `head` (hidden states -> logits), whose composition is
+  `__call__`; chunked losses, distillation and reward/value heads build on them.
   """
-  cfg: ModelConfig
   decode: bool = False
-  deterministic: bool = True
 
-  @nn.compact
+  def setup(self):
+    self.setup_embeddings()
+    self.decoder = Stack(self.cfg, self.cfg.num_layers, causal=True, decode=self.decode,
+                         deterministic=self.deterministic, name='decoder')
+
   def __call__(self, tokens, positions=None, segment_ids=None):
-    cfg = self.cfg
-    positions = _default_positions(tokens, positions)
-    tok, pos = _embedders(cfg)
-    x = _embed_inputs(cfg, tok, pos, tokens, positions, self.deterministic)
-    x = Stack(cfg, cfg.num_layers, causal=True, decode=self.decode,
-              deterministic=self.deterministic, name='decoder')(x, positions, segment_ids)
-    return _output_logits(cfg, tok, x)
+    return self.head(self.hidden_states(tokens, positions, segment_ids))
+
+  def hidden_states(self, tokens, positions=None, segment_ids=None):
+    positions = default_positions(tokens, positions)
+    return self.decoder(self.embed_tokens(tokens, positions), positions, segment_ids)
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(_Embedded):
   """The original Transformer: a bidirectional encoder and a causal decoder with
   cross-attention, sharing one token embedding.
 
-  (src [batch, src_seq], tgt [batch, tgt_seq]) -> logits [batch, tgt_seq, vocab].
+  (src [batch, src_seq], tgt [batch, tgt_seq]) -> logits [batch, tgt_seq, vocab]; segment ids
+  (0 = padding) and positions default as in `Decoder`. Public seams: `encode` (source ->
+  encoded states) and `decode_logits` (target prefix + encoded source -> logits); with
+  `decode=True` the decoder's self-attention keys/values go to the 'cache' collection, one
+  target token at a time (`flaxllm.generate`), while cross-attention reads the encoded source.
   """
-  cfg: ModelConfig
-  deterministic: bool = True
+  decode: bool = False
 
-  @nn.compact
+  def setup(self):
+    cfg = self.cfg
+    self.setup_embeddings()
+    self.encoder = Stack(cfg, cfg.encoder_layers, causal=False,
+                         deterministic=self.deterministic, name='encoder')
+    self.decoder = Stack(cfg, cfg.num_layers, causal=True, cross_attention=True,
+                         decode=self.decode, deterministic=self.deterministic, name='decoder')
+
   def __call__(self, src, tgt, src_segment_ids=None, tgt_segment_ids=None, src_positions=None,
                tgt_positions=None):
-    cfg = self.cfg
-    tok, pos = _embedders(cfg)
-    src_positions = _default_positions(src, src_positions)
-    tgt_positions = _default_positions(tgt, tgt_positions)
-    x = _embed_inputs(cfg, tok, pos, src, src_positions, self.deterministic)
-    encoded = Stack(cfg, cfg.encoder_layers, causal=False, deterministic=self.deterministic,
-                    name='encoder')(x, src_positions, src_segment_ids)
-    y = _embed_inputs(cfg, tok, pos, tgt, tgt_positions, self.deterministic)
-    y = Stack(cfg, cfg.num_layers, causal=True, cross_attention=True,
-              deterministic=self.deterministic, name='decoder')(
-                  y, tgt_positions, tgt_segment_ids, encoded, src_segment_ids)
-    return _output_logits(cfg, tok, y)
+    encoded = self.encode(src, src_segment_ids, src_positions)
+    return self.decode_logits(tgt, encoded, src_segment_ids, tgt_segment_ids, tgt_positions)
+
+  def encode(self, src, src_segment_ids=None, src_positions=None):
+    """Encoded source [batch, src_seq, embed]."""
+    src_positions = default_positions(src, src_positions)
+    return self.encoder(self.embed_tokens(src, src_positions), src_positions, src_segment_ids)
+
+  def decode_logits(self, tgt, encoded, src_segment_ids=None, tgt_segment_ids=None,
+                    tgt_positions=None):
+    """Logits [batch, tgt_seq, vocab] of the target tokens given the encoded source."""
+    tgt_positions = default_positions(tgt, tgt_positions)
+    y = self.decoder(self.embed_tokens(tgt, tgt_positions), tgt_positions, tgt_segment_ids,
+                     encoded, src_segment_ids)
+    return self.head(y)
