@@ -13,19 +13,69 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
+from typing import Callable, Sequence
+
+from absl import logging as absl_logging
 
 # command -> (module, function taking argv); imported lazily so `--help` is instant.
 COMMANDS = {
-    'train': ('flaxllm.train', 'train_main'),
-    'eval': ('flaxllm.train', 'eval_main'),
+    'train': ('flaxllm.train.main', 'train_main'),
+    'eval': ('flaxllm.train.main', 'eval_main'),
     'generate': ('flaxllm.generate', 'generate_main'),
     'convert': ('flaxllm.interop.hf', 'convert_main'),
-    'compile': ('flaxllm.parallel.aot', 'main'),
+    'compile': ('flaxllm.train.compile', 'main'),
     'sweep': ('flaxllm.sweeps.main', 'sweep_main'),
     'scaling': ('flaxllm.sweeps.main', 'scaling_main'),
-    'distill-data': ('flaxllm.distill.cli', 'main'),
+    'distill-data': ('flaxllm.train.distill_data', 'main'),
 }
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def quiet_logs():
+  """Warnings and errors only, from Python and absl logging."""
+  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+  absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def enable_compilation_cache():
+  """Re-runs and resumes skip XLA compilation: JAX's persistent cache, in
+  $JAX_COMPILATION_CACHE_DIR if set, else <flaxllm cache>/jax."""
+  import jax  # pylint: disable=import-outside-toplevel -- heavy: see run
+  from flaxllm.data.corpus import cache_dir  # pylint: disable=import-outside-toplevel -- heavy
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.join(cache_dir(), 'jax'))
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(--config.k=v overrides, the other arguments) of a command line."""
+  overrides = [a for a in argv if a.startswith('--config.')]
+  return overrides, [a for a in argv if not a.startswith('--config.')]
+
+
+def run(fn: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
+  """Runs a command's `fn(argv)` the way every flaxllm command runs: quiet logs, and a user
+  error (bad config, path, checkpoint, ...) printed as its one sentence with exit code 1
+  instead of a traceback (FLAXLLM_DEBUG=1 shows it); Ctrl-C keeps what was written.
+
+  The heavy modules (JAX, the trainer) are imported here and in the helpers above, inside the
+  functions, so that `flaxllm --help` answers instantly."""
+  from flaxllm.train.trainer import TrainError  # pylint: disable=import-outside-toplevel -- heavy
+  quiet_logs()
+  try:
+    return fn(list(sys.argv[2:] if argv is None else argv))
+  except (TrainError, ValueError, FileNotFoundError, PermissionError) as e:
+    if os.environ.get('FLAXLLM_DEBUG'):
+      raise
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 1
+  except KeyboardInterrupt:
+    print('\ninterrupted: the checkpoints already written are kept; run the same command to '
+          'resume.', file=sys.stderr, flush=True)
+    return 130
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,13 @@ A config file defines `get_config(arg=None) -> ConfigDict`; `arg` is the text af
 `--config.x.y=v` overrides with the types of the existing values and validates the whole
 experiment (`validate`) before anything is built or compiled. Every error is a `ConfigError`
 whose one-sentence message names the key and the fix.
+
+This module keeps the mechanics (files, variants, overrides, stored configs, resume
+compatibility) and the run's own keys; every section belongs to its feature, which owns its
+defaults, registries and checks: `model` (flaxllm.models.config), `data` (flaxllm.data.corpus,
+checked by flaxllm.data.pipeline), `tokenizer` (flaxllm.data.tokenizer), `mesh` / `parallel`
+(flaxllm.parallel), `optim` / `schedule` (flaxllm.train.optim), `wandb` (flaxllm.train.metrics),
+`sample`, `finetune` and each objective's section (flaxllm.objectives).
 """
 from __future__ import annotations
 
@@ -28,17 +35,19 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 from ml_collections import ConfigDict
 
+from flaxllm import rundir
+from flaxllm.data import corpus, pipeline
+from flaxllm.data import tokenizer as tokenizer_lib
+from flaxllm.models import config as model_config
 from flaxllm.models.config import ConfigError, ModelConfig
+from flaxllm.objectives import base as objective_base
+from flaxllm.objectives import registry as objectives
+from flaxllm.parallel import axis_rules, mesh as mesh_lib
+from flaxllm.train import metrics, optim
 
 __all__ = ['ConfigError', 'ConfigDict', 'parse_arg', 'load_file', 'apply_overrides',
-           'load_config', 'validate', 'base_config', 'to_json', 'from_json',
+           'load_config', 'validate', 'base_config', 'to_json', 'from_json', 'stored_config',
            'check_resume_compatible', 'SAFE_TO_CHANGE', 'flat_items']
-
-# Names the trainer accepts for its pluggable components (see flaxllm/train/optim.py).
-OPTIMIZERS = ('adamw', 'adam', 'sgd', 'lion')
-SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt')
-DATA_SOURCES = ('stdlib', 'text', 'tfds', 'jsonl')
-FINETUNE_METHODS = ('full', 'freeze', 'lora', 'qlora')
 
 # Keys that may differ between the stored config.json of a workdir and a resumed run. Everything
 # else (model, data, tokenizer, optimizer, batch, seeds) must match, or the run would silently
@@ -56,81 +65,15 @@ def base_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0                       # parameter init, data order and dropout all derive from it
   c.note = ''                      # free text, shown in W&B
+  c.objective = 'lm'               # what is trained and how: a name of flaxllm.objectives.REGISTRY
   c.total_steps = 1000
   c.batch_size = 32                # global batch, in sequences
   c.seq_len = 256
-  c.init_from = ''                 # '' | a flaxllm workdir/checkpoint dir to start params from
-
-  # Devices: a mesh over all devices (flaxllm.parallel.make_mesh); one in-slice axis may be -1
-  # (the remaining devices). The dcn_* factors split multi-slice TPU pods across slices.
-  c.mesh = ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1, 'dcn_data': 1, 'dcn_fsdp': 1})
-  c.parallel = ConfigDict()
-  c.parallel.rules = 'fsdp'        # logical-axis rules: 'fsdp' | 'dp' | 'fsdp_tp' (parallel.rules)
-
-  c.model = ConfigDict(ModelConfig().to_dict())
-  c.model.num_kv_heads = ml_collections.config_dict.placeholder(int)
-  c.model.num_encoder_layers = ml_collections.config_dict.placeholder(int)
-  c.model.head_dim = ml_collections.config_dict.placeholder(int)
-  c.model.sliding_window = ml_collections.config_dict.placeholder(int)
-  c.model.rope_scaling = ml_collections.config_dict.placeholder(dict)
-
-  c.data = ConfigDict()            # read by flaxllm.data.make_iterator
-  c.data.source = 'stdlib'         # 'stdlib' (embedded default) | 'text' (data.path) | 'tfds'
-  c.data.path = ''                 # text: directory, file or glob
-  c.data.glob = ml_collections.config_dict.placeholder(str)
-  c.data.name = ''                 # tfds: dataset name, e.g. 'lm1b'
-  c.data.data_dir = ml_collections.config_dict.placeholder(str)
-  c.data.train_split = 'train'     # tfds split names
-  c.data.validation_split = 'validation'
-  c.data.text_key = 'text'
-  c.data.format = 'text'           # how a record becomes a document (data.DOCUMENT_FORMATS)
-  c.data.template = ''             # alpaca/chat prompt template ('' = the format's default)
-  c.data.val_fraction = 0.02       # stdlib/text: share of files held out for validation
-  c.data.max_files = 0             # 0 = no limit
-  c.data.max_bytes = 0
-  c.data.shuffle = True            # seeded global shuffle of the train split, every epoch
-  c.data.shuffle_window = 1024     # then shuffle packed rows within windows of this many rows
-  c.data.packing = 'concat'        # 'concat' (no padding) | 'first_fit' (whole pieces)
-  c.data.packing_bins = 16
-  c.data.worker_count = 0          # grain worker processes for tokenization (0 = in-process)
-  c.data.read_threads = 0
-  # How processes share the global batch: 'source' (each reads its own share of the documents;
-  # scales to pods) | 'global' (each builds the whole global batch and keeps its rows: the same
-  # data, hence the same losses, on any number of processes).
-  c.data.process_sharding = 'source'
-
-  c.tokenizer = ConfigDict()       # read by flaxllm.data.get_tokenizer
-  c.tokenizer.kind = 'sentencepiece'   # 'sentencepiece' (trained on the corpus) | 'bytes'
-  c.tokenizer.model_path = ''      # an existing tokenizer.model; '' = train one on the corpus
-  c.tokenizer.vocab_size = 4096    # sentencepiece training; <= model.vocab_size
-  c.tokenizer.model_type = 'bpe'   # 'bpe' | 'unigram'
-  c.tokenizer.character_coverage = 0.9995
-  c.tokenizer.split_digits = True
-  c.tokenizer.split_by_whitespace = True
-  c.tokenizer.max_train_bytes = 0  # 0 = the whole train split
-
-  c.optim = ConfigDict()
-  c.optim.name = 'adamw'
-  c.optim.lr = 1e-3                # peak learning rate
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.1
-  # Regexes over `/`-joined param paths (re.search): matching params get NO weight decay.
-  c.optim.wd_exclude = (r'norm/', r'bias$', r'embedding$')
-  c.optim.grad_clip = 1.0          # global-norm clipping; 0 = off
-  c.optim.accum_steps = 1          # micro-batches per step (lax.scan; per-token normalisation)
-
-  c.schedule = ConfigDict()
-  c.schedule.name = 'cosine'       # after warmup: 'cosine' | 'linear' | 'constant' | 'rsqrt'
-  c.schedule.warmup_steps = 100
-  c.schedule.end_lr_frac = 0.1     # cosine/linear: final lr = lr * end_lr_frac
-
+  c.init_from = ''                 # '' | a flaxllm workdir, model dir or HF dir to start from
   c.z_loss = 0.0                   # coefficient of mean(logsumexp(logits)^2) (PaLM: 1e-4)
   c.loss_chunk_size = 0            # > 0: head + loss over chunks of this many positions, so
   #                                  only one chunk's logits live at once (decoder-only models)
   c.skip_nonfinite_steps = False   # skip updates whose loss/grads are NaN/inf instead of stopping
-
   c.log_every = 10
   c.eval_every = 200               # 0 = only at the end
   c.eval_batches = 8
@@ -139,51 +82,17 @@ def base_config() -> ConfigDict:
   c.peak_flops = 0.0               # FLOP/s for MFU; 0 = measure this machine's matmul peak
   c.progress_bar = True
 
-  c.wandb = ConfigDict()
-  c.wandb.enabled = True
-  c.wandb.mode = ''                # '' = $WANDB_MODE, else 'offline' without $WANDB_API_KEY
-  c.wandb.project = 'flaxllm'
-  c.wandb.group = ''
-  c.wandb.name = ''
-
-  c.sample = ConfigDict()          # printed after training (max_new_tokens=0: no sample)
-  c.sample.prompt = 'def '
-  c.sample.max_new_tokens = 64
-  c.sample.temperature = 0.8
-  c.sample.top_k = 40
-  c.sample.seed = 0
-
-  c.distill = ConfigDict()         # knowledge distillation (flaxllm.distill); off while teacher
-  c.distill.teacher = ''           # and offline_logits are '': a flaxllm workdir, a model dir
-  #                                  (flaxllm convert / <workdir>/model) or a Hugging Face dir
-  c.distill.teacher_dtype = ''     # '' = the teacher's own model.dtype
-  c.distill.alpha = 0.5            # loss = alpha * KD + (1 - alpha) * CE
-  c.distill.temperature = 2.0      # softmax temperature of both models; KD is scaled by T^2
-  c.distill.divergence = 'forward_kl'  # 'forward_kl' | 'reverse_kl' | 'jsd'
-  c.distill.beta = 0.5             # jsd mixture weight; 0 = forward KL, 1 = reverse KL (TRL)
-  c.distill.top_k = 0              # > 0: only the teacher's top-k logits (renormalised)
-  c.distill.chunk_size = 128       # sequence positions per logits chunk; 0 = all at once
-  c.distill.hidden_loss = ''       # '' | 'cosine' | 'mse' between final hidden states
-  c.distill.hidden_weight = 0.0    # its weight (a learned projection when widths differ)
-  c.distill.init_every = 0         # > 0: student layer i starts as teacher layer i * init_every
-  c.distill.on_policy = 0.0        # GKD lambda: fraction of steps on student-generated batches
-  c.distill.on_policy_prompt_len = 16   # data tokens kept as the prompt of those samples
-  c.distill.on_policy_temperature = 1.0
-  c.distill.offline_logits = ''    # a `flaxllm distill-data --mode=topk` dir: no teacher forward
-
-  c.finetune = ConfigDict()        # what is trained (flaxllm.peft.finetune), from init_from
-  c.finetune.method = 'full'       # 'full' | 'freeze' | 'lora' | 'qlora'
-  c.finetune.train = ()            # freeze: regexes of the params that train (the rest frozen)
-  c.finetune.targets = ('all-linear',)  # lora/qlora: regexes of adapted kernels, or 'all-linear'
-  c.finetune.rank = 8
-  c.finetune.alpha = 16.0          # scale = alpha / rank (alpha / sqrt(rank) with rslora)
-  c.finetune.rslora = False
-  c.finetune.dropout = 0.0         # on the adapters' input
-  c.finetune.init = 'kaiming'      # 'kaiming' (B = 0, as PEFT) | 'gaussian' | 'pissa'
-  c.finetune.quant = 'nf4'         # qlora: base kernels as 'nf4' | 'int8'
-  c.finetune.quant_targets = ('all-linear',)
-  c.finetune.quant_block = 64
-  c.finetune.double_quant = True   # nf4: absmax values in 8 bits too
+  c.mesh = mesh_lib.config_section()
+  c.parallel = axis_rules.config_section()
+  c.model = model_config.config_section()
+  c.data = corpus.config_section()
+  c.tokenizer = tokenizer_lib.config_section()
+  c.optim = optim.optim_section()
+  c.schedule = optim.schedule_section()
+  c.wandb = metrics.wandb_section()
+  c.sample = objective_base.sample_section()
+  for name, section in objectives.config_sections().items():   # finetune, distill, ...
+    c[name] = section
   return c
 
 
@@ -382,151 +291,28 @@ def validate(config: ConfigDict) -> ConfigDict:
   positive('total_steps', 'batch_size', 'seq_len', 'optim.lr', 'optim.accum_steps',
            'log_every', 'ckpt_every', 'keep_ckpts', 'eval_batches')
   positive('optim.weight_decay', 'optim.grad_clip', 'optim.eps', 'schedule.warmup_steps',
-           'z_loss', 'loss_chunk_size', 'eval_every', 'peak_flops', 'data.max_files', 'data.max_bytes',
-           'data.worker_count', 'data.read_threads', 'sample.max_new_tokens',
+           'z_loss', 'loss_chunk_size', 'eval_every', 'peak_flops', 'sample.max_new_tokens',
            'sample.temperature', 'sample.top_k', allow_zero=True)
-  _require(config.optim.name in OPTIMIZERS,
-           f'optim.name={config.optim.name!r} is not a known optimizer; choose one of '
-           f'{OPTIMIZERS}.')
-  _require(config.schedule.name in SCHEDULES,
-           f'schedule.name={config.schedule.name!r} is not a known schedule; choose one of '
-           f'{SCHEDULES}.')
-  _require(0.0 <= config.optim.b1 < 1.0 and 0.0 <= config.optim.b2 < 1.0,
-           f'optim.b1={config.optim.b1} and optim.b2={config.optim.b2} must be in [0, 1); '
-           'use e.g. 0.9 and 0.95.')
-  _require(0.0 <= config.schedule.end_lr_frac <= 1.0,
-           f'schedule.end_lr_frac={config.schedule.end_lr_frac} must be in [0, 1]; use e.g. 0.1.')
-  _require(config.schedule.warmup_steps <= config.total_steps,
-           f'schedule.warmup_steps={config.schedule.warmup_steps} exceeds total_steps='
-           f'{config.total_steps}; lower the warmup or raise total_steps.')
-  for pattern in config.optim.wd_exclude:
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      raise ConfigError(f'optim.wd_exclude pattern {pattern!r} is not a valid regex ({e}); '
-                        'fix or remove it.') from e
-  accum = config.optim.accum_steps
-  _require(config.batch_size % accum == 0,
-           f'batch_size={config.batch_size} is not divisible by optim.accum_steps={accum}; '
-           'make batch_size a multiple of accum_steps.')
-  _require(model.arch == 'decoder',
-           f"model.arch={model.arch!r} cannot be trained as a language model here; use "
-           "model.arch='decoder'.")
+  _require(0 <= config.seed < 2**31, f'seed={config.seed} must be in [0, 2**31); pick another.')
   if model.position == 'learned':
     _require(config.seq_len <= model.max_seq_len,
              f'seq_len={config.seq_len} exceeds model.max_seq_len={model.max_seq_len} (learned '
              'positions); lower seq_len or raise model.max_seq_len.')
-  _require(config.data.source in DATA_SOURCES,
-           f'data.source={config.data.source!r} is not known; choose one of {DATA_SOURCES}.')
-  if config.data.source == 'text':
-    _require(bool(config.data.path), "data.source='text' needs data.path; set "
-                                     '--config.data.path=/path/to/text/files.')
-  if config.data.source == 'jsonl':
-    _require(bool(config.data.path), "data.source='jsonl' needs data.path; set "
-                                     '--config.data.path=/path/to/instructions.jsonl.')
-    _require(config.tokenizer.kind == 'bytes' or bool(config.tokenizer.model_path),
-             "data.source='jsonl' (instruction data) needs the base model's tokenizer; set "
-             '--config.tokenizer.model_path=<base workdir>/tokenizer.model.')
-  if config.data.source == 'tfds':
-    _require(bool(config.data.name), "data.source='tfds' needs data.name; set e.g. "
-                                     '--config.data.name=lm1b.')
-  _require(config.data.packing in ('concat', 'first_fit'),
-           f"data.packing={config.data.packing!r} is not known; use 'concat' or 'first_fit'.")
-  _require(0 <= config.seed < 2**31, f'seed={config.seed} must be in [0, 2**31); pick another.')
-  _require(0.0 <= config.data.val_fraction < 1.0,
-           f'data.val_fraction={config.data.val_fraction} must be in [0, 1); use e.g. 0.02.')
-  _require(config.tokenizer.kind in ('sentencepiece', 'bytes'),
-           f"tokenizer.kind={config.tokenizer.kind!r} is not known; use 'sentencepiece' or "
-           "'bytes'.")
-  if config.tokenizer.kind == 'sentencepiece' and not config.tokenizer.model_path:
-    _require(0 < config.tokenizer.vocab_size <= model.vocab_size,
-             f'tokenizer.vocab_size={config.tokenizer.vocab_size} does not fit model.vocab_size='
-             f'{model.vocab_size}; set tokenizer.vocab_size <= model.vocab_size.')
   if config.init_from:
-    _require(os.path.isdir(config.init_from),
-             f'init_from={config.init_from!r} is not a directory; point it at a flaxllm workdir '
-             "or set it to ''.")
-  for axis, size in config.mesh.items():
-    _require(isinstance(size, int) and not isinstance(size, bool) and (size >= 1 or size == -1),
-             f'mesh.{axis}={size!r} must be a positive integer or -1 (the remaining devices); '
-             f'set e.g. --config.mesh.{axis}=1.')
-  from flaxllm.parallel.rules import PRESETS  # pylint: disable=import-outside-toplevel
-  _require(config.parallel.rules in PRESETS,
-           f'parallel.rules={config.parallel.rules!r} is not a rule preset; choose one of '
-           f'{sorted(PRESETS)}.')
-  _require(config.data.process_sharding in ('source', 'global'),
-           f"data.process_sharding={config.data.process_sharding!r} is not known; use 'source' "
-           "or 'global'.")
-  _require(config.wandb.mode in ('', 'online', 'offline', 'disabled'),
-           f"wandb.mode={config.wandb.mode!r} is not known; use '', 'online', 'offline' or "
-           "'disabled'.")
-  _validate_distill(config.distill, model)
-  _validate_finetune(config.finetune)
+    _require(os.path.isdir(os.path.expanduser(config.init_from)),
+             f'init_from={config.init_from!r} is not a directory; point it at a flaxllm workdir, '
+             "model directory or Hugging Face directory, or set it to ''.")
+  try:  # each section's owner checks it
+    optim.check_sections(config)
+    pipeline.check_section(config.data, config.tokenizer)
+    tokenizer_lib.check_section(config.tokenizer, model.vocab_size)
+    mesh_lib.check_section(config.mesh)
+    axis_rules.check_section(config.parallel)
+    metrics.check_wandb_section(config.wandb)
+    objectives.check_config(config)
+  except ValueError as e:
+    raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e
   return config
-
-
-def _validate_finetune(f: ConfigDict):
-  """config.finetune (flaxllm.peft); rules are checked against the model's params when the
-  trainer builds its programs (a rule matching nothing is a one-sentence error there)."""
-  _require(f.method in FINETUNE_METHODS, f'finetune.method={f.method!r} is not known; choose '
-                                         f'one of {FINETUNE_METHODS}.')
-  if f.method == 'freeze':
-    _require(len(f.train) > 0, "finetune.method='freeze' needs finetune.train, the regexes of "
-                               "the params to train, e.g. --config.finetune.train='final_norm/'.")
-  for key in ('train', 'targets', 'quant_targets'):
-    for pattern in f[key]:
-      if pattern == 'all-linear':
-        continue
-      try:
-        re.compile(pattern)
-      except re.error as e:
-        raise ConfigError(f'finetune.{key} pattern {pattern!r} is not a valid regex ({e}); fix '
-                          'or remove it.') from e
-  _require(isinstance(f.rank, int) and f.rank >= 1,
-           f'finetune.rank={f.rank!r} must be a positive integer; use e.g. 8.')
-  _require(f.alpha > 0, f'finetune.alpha={f.alpha} must be positive; use e.g. 16.')
-  _require(0.0 <= f.dropout < 1.0, f'finetune.dropout={f.dropout} must be in [0, 1).')
-  _require(f.init in ('kaiming', 'gaussian', 'pissa'),
-           f"finetune.init={f.init!r} is not known; use 'kaiming', 'gaussian' or 'pissa'.")
-  _require(f.quant in ('nf4', 'int8'), f"finetune.quant={f.quant!r} is not known; use 'nf4' or "
-                                       "'int8'.")
-  _require(f.quant_block >= 2 and f.quant_block % 2 == 0,
-           f'finetune.quant_block={f.quant_block} must be an even number >= 2; use e.g. 64.')
-
-
-def _validate_distill(d: ConfigDict, model: ModelConfig):
-  """config.distill (flaxllm.distill); the teacher itself is checked against the student (vocab,
-  tokenizer) by the trainer once the tokenizer exists, still before compiling."""
-  if not d.teacher and not d.offline_logits:
-    return
-  from flaxllm.distill.losses import DIVERGENCES  # pylint: disable=import-outside-toplevel
-  for key, path in (('teacher', d.teacher), ('offline_logits', d.offline_logits)):
-    _require(not path or os.path.isdir(os.path.expanduser(path)),
-             f'distill.{key}={path!r} does not exist; train or generate it first, or set '
-             f"distill.{key}=''.")
-  _require(0.0 <= d.alpha <= 1.0, f'distill.alpha={d.alpha} must be in [0, 1] (loss = alpha * KD '
-                                  '+ (1 - alpha) * CE); use e.g. 0.5.')
-  _require(d.temperature > 0, f'distill.temperature={d.temperature} must be positive; use e.g. 2.')
-  _require(d.divergence in DIVERGENCES, f'distill.divergence={d.divergence!r} is not known; '
-                                        f'choose one of {DIVERGENCES}.')
-  _require(0.0 <= d.beta <= 1.0, f'distill.beta={d.beta} must be in [0, 1]; use e.g. 0.5.')
-  _require(0 <= d.top_k <= model.vocab_size,
-           f'distill.top_k={d.top_k} must be between 0 (full distribution) and the vocabulary '
-           f'size {model.vocab_size}; lower it.')
-  reverse = d.divergence == 'reverse_kl' or (d.divergence == 'jsd' and d.beta == 1.0)
-  _require(not (reverse and (d.top_k or d.offline_logits)),
-           'reverse KL needs the full teacher distribution (it is infinite where a top-k teacher '
-           "has no mass); use distill.divergence='forward_kl' or 'jsd' with beta < 1.")
-  _require(d.chunk_size >= 0 and d.init_every >= 0 and d.hidden_weight >= 0,
-           'distill.chunk_size, distill.init_every and distill.hidden_weight must be >= 0.')
-  _require(d.hidden_loss in ('', 'cosine', 'mse'),
-           f"distill.hidden_loss={d.hidden_loss!r} is not known; use '', 'cosine' or 'mse'.")
-  _require(0.0 <= d.on_policy <= 1.0 and d.on_policy_prompt_len >= 1,
-           f'distill.on_policy={d.on_policy} must be in [0, 1] and on_policy_prompt_len >= 1.')
-  if d.offline_logits:
-    _require(not d.hidden_loss and not d.on_policy,
-             'offline teacher logits cannot give hidden states or score new samples; set '
-             "distill.hidden_loss='' and distill.on_policy=0, or use the live teacher.")
 
 
 def _get(config: ConfigDict, key: str) -> Any:
@@ -544,13 +330,30 @@ def to_json(config: ConfigDict) -> str:
 
 def from_json(text: str) -> ConfigDict:
   """The ConfigDict of a stored config.json (tuples come back as lists, compared as lists).
-  Groups of settings added to base_config after the run was stored (e.g. `distill`) take their
-  defaults, so older workdirs still resume and evaluate."""
+  Keys added to base_config after the run was stored (e.g. `objective`, a new section) take
+  their defaults, so older workdirs still resume and evaluate; a run stored before
+  `objective` existed that distilled is an `objective='distill'` run."""
   stored = json.loads(text)
-  for key, value in base_config().items():
-    if key not in stored and isinstance(value, ConfigDict):
-      stored[key] = value.to_dict()
-  return ConfigDict(stored)
+  if 'objective' not in stored and (stored.get('distill', {}).get('teacher') or
+                                    stored.get('distill', {}).get('offline_logits')):
+    stored['objective'] = 'distill'
+  return ConfigDict(_with_defaults(stored, base_config().to_dict()))
+
+
+def _with_defaults(stored: dict, defaults: dict) -> dict:
+  out = dict(stored)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict) and key != 'rope_scaling':
+      out[key] = _with_defaults(out[key], value)
+  return out
+
+
+def stored_config(workdir: str) -> ConfigDict | None:
+  """The config a workdir was trained with (its config.json), or None."""
+  text = rundir.stored_config_json(workdir)
+  return None if text is None else from_json(text)
 
 
 def _norm(value: Any) -> Any:

@@ -475,7 +475,7 @@ def test_pallas_runs_per_shard_under_a_mesh(rules):
   """Under jax.set_mesh (8 CPU devices) the dispatcher runs the kernels in a shard_map split
   like the models' activations (batch, and heads for fsdp_tp), matching the reference."""
   from flaxllm.parallel import mesh as mesh_lib
-  from flaxllm.parallel import rules as rules_lib
+  from flaxllm.parallel import axis_rules as rules_lib
   if jax.device_count() < 8:
     pytest.skip('needs 8 (fake) devices')
   q, k, v, do = make_inputs(8, batch=4, seq_q=32, seq_kv=32, heads=8, kv_heads=2, head_dim=64,
@@ -483,7 +483,7 @@ def test_pallas_runs_per_shard_under_a_mesh(rules):
   segs = packed_segments(4, 32, 2, seed=3)
   mesh = mesh_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   kw = dict(causal=True, q_segment_ids=segs, kv_segment_ids=segs)
-  with jax.set_mesh(mesh), rules_lib.axis_rules(rules):
+  with jax.set_mesh(mesh), rules_lib.rules_context(rules):
     attn = lambda q, k, v: kernels.attention(q, k, v, impl='pallas', **kw)  # noqa: E731
     jaxpr = str(jax.make_jaxpr(attn)(q, k, v))
     heads_split = "P(('data', 'fsdp'), None, 'tensor', None)" in jaxpr

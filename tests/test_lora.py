@@ -12,7 +12,7 @@ import pytest
 
 from flaxllm import lora, models
 from flaxllm.models import params as params_lib
-from flaxllm.peft import rules as rules_lib
+from flaxllm.peft import path_rules as rules_lib
 
 
 def _model(scan: bool, **kw):

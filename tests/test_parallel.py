@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from flaxllm import models, parallel
-from flaxllm.parallel import aot, distributed, rules as rules_lib
+from flaxllm.parallel import aot, distributed, axis_rules as rules_lib
 from flaxllm.parallel.mesh import MeshError, mesh_shape
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 
 from flaxllm import lora, models
 from flaxllm.models import params as params_lib
-from flaxllm.peft import finetune, quant, rules as rules_lib
+from flaxllm.peft import finetune, quant, path_rules as rules_lib
 
 
 def _weights(shape=(256, 384), seed=0):

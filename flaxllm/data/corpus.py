@@ -32,6 +32,7 @@ import sysconfig
 from typing import Any, Iterator, Mapping, Sequence
 
 from etils import epath
+from ml_collections import ConfigDict, config_dict
 import tensorflow_datasets as tfds
 
 log = logging.getLogger(__name__)
@@ -45,15 +46,50 @@ STDLIB_EXCLUDE = ("site-packages", "dist-packages")
 # ----------------------------------------------------------------------------- config helpers
 
 
+def config_section():
+  """``config.data``: where documents come from and how they become batches (flaxllm.data).
+  The one source of these defaults: readers fill missing keys from it (``data_get``)."""
+  c = ConfigDict()
+  c.source = "stdlib"        # one of pipeline.SOURCES: 'stdlib' (embedded default) | 'text'
+  #                            (data.path) | 'tfds' (data.name) | 'jsonl' (instruction records)
+  c.path = ""                # text / jsonl: a file, directory or glob
+  c.glob = config_dict.placeholder(str)
+  c.name = ""                # tfds: dataset name, e.g. 'lm1b'
+  c.data_dir = config_dict.placeholder(str)
+  c.train_split = "train"    # tfds split names
+  c.validation_split = "validation"
+  c.text_key = "text"
+  c.format = "text"          # how a record becomes a document (pipeline.DOCUMENT_FORMATS)
+  c.template = ""            # alpaca/chat prompt template ('' = the format's default)
+  c.val_fraction = 0.02      # stdlib/text/jsonl: share of files (records) held out for validation
+  c.max_files = 0            # 0 = no limit
+  c.max_bytes = 0
+  c.shuffle = True           # seeded global shuffle of the train split, every epoch
+  c.shuffle_window = 1024    # then shuffle packed rows within windows of this many rows
+  c.packing = "concat"       # one of pipeline.PACKING: 'concat' (no padding) | 'first_fit'
+  c.packing_bins = 16
+  c.worker_count = 0         # grain worker processes for tokenization (0 = in-process)
+  c.read_threads = 0
+  # How processes share the global batch: 'source' (each reads its own share of the documents;
+  # scales to pods) | 'global' (each builds the whole global batch and keeps its rows: the same
+  # data, hence the same losses, on any number of processes).
+  c.process_sharding = "source"
+  return c
+
+
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
   """Reads ``key`` from a dict, ``ml_collections.ConfigDict`` or plain object."""
   if cfg is None:
     return default
-  if hasattr(cfg, "get"):
-    value = cfg.get(key, default)
-  else:
-    value = getattr(cfg, key, default)
+  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
   return default if value is None else value
+
+
+def data_get(cfg: Any, key: str) -> Any:
+  """``cfg[key]`` of a data config (dict, ``ConfigDict`` or None); a missing or None value is
+  the default of :func:`config_section`."""
+  value = cfg.get(key) if cfg is not None and hasattr(cfg, "get") else getattr(cfg, key, None)
+  return config_section().get(key) if value is None else value
 
 
 def cache_dir() -> str:
@@ -503,17 +539,17 @@ def _first_line(e: Exception) -> str:
 
 def build_local(data_config: Any) -> BuiltCorpus:
   """Builds (or reuses) the local corpus named by a ``source: 'stdlib' | 'text'`` data config."""
-  source = cfg_get(data_config, "source", "stdlib")
+  source = data_get(data_config, "source")
   common = dict(
-      val_fraction=float(cfg_get(data_config, "val_fraction", 0.02)),
-      max_files=cfg_get(data_config, "max_files") or None,
-      max_bytes=cfg_get(data_config, "max_bytes") or None,
-      data_dir=cfg_get(data_config, "data_dir") or None,
+      val_fraction=float(data_get(data_config, "val_fraction")),
+      max_files=data_get(data_config, "max_files") or None,
+      max_bytes=data_get(data_config, "max_bytes") or None,
+      data_dir=data_get(data_config, "data_dir") or None,
   )
   if source == "stdlib":
     return build_stdlib_corpus(**common)
   if source == "text":
-    return build_text_corpus(cfg_get(data_config, "path", ""), cfg_get(data_config, "glob"), **common)
+    return build_text_corpus(data_get(data_config, "path"), data_get(data_config, "glob"), **common)
   raise ValueError(f"build_local needs data.source 'stdlib' or 'text', not {source!r}.")
 
 
@@ -523,18 +559,18 @@ def open_split(data_config: Any, split: str):
   Returns ``(source, identity)``: a sequence of examples (dicts with the text
   feature as ``bytes``) and a string identifying the data (for cache keys).
   """
-  source = cfg_get(data_config, "source", "stdlib")
+  source = data_get(data_config, "source")
   if source in ("stdlib", "text"):
     corpus = build_local(data_config)
     if split not in corpus.builder.info.splits:
       raise ValueError(f"Corpus {corpus.name} has no split {split!r}; use one of {list(corpus.builder.info.splits)}.")
     return corpus.data_source(split), f"{corpus.name}/{split}"
   if source == "tfds":
-    name = cfg_get(data_config, "name", "")
+    name = data_get(data_config, "name")
     if not name:
       raise ValueError("data.source='tfds' needs data.name, e.g. 'lm1b' or 'c4/en:3.1.0'.")
-    tfds_split = cfg_get(data_config, f"{split}_split", split)
-    ds = tfds_source(name, tfds_split, cfg_get(data_config, "data_dir") or None)
+    tfds_split = data_get(data_config, f"{split}_split") or split
+    ds = tfds_source(name, tfds_split, data_get(data_config, "data_dir") or None)
     info = getattr(ds, "dataset_info", None)
     full_name = getattr(info, "full_name", name)
     return ds, f"{full_name}/{tfds_split}/{len(ds)}"
@@ -544,7 +580,7 @@ def open_split(data_config: Any, split: str):
 def iter_texts(data_config: Any, split: str = "train", max_bytes: int | None = None) -> Iterator[str]:
   """Yields the documents of a split as ``str`` (in stored order), up to ``max_bytes``."""
   ds, _ = open_split(data_config, split)
-  key = cfg_get(data_config, "text_key", "text")
+  key = data_get(data_config, "text_key")
   total = 0
   for i in range(len(ds)):
     text = ds[i][key]

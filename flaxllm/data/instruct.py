@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from flaxllm.data.corpus import cfg_get, split_of
+from flaxllm.data.corpus import data_get, split_of
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -208,12 +208,12 @@ def read_records(path: str, pattern: str | None = None) -> list[dict]:
 
 def open_split(data_config: Any, split: str):
   """``data.source='jsonl'``: (records of ``split``, identity) like ``corpus.open_split``."""
-  path = cfg_get(data_config, "path", "")
+  path = data_get(data_config, "path")
   if not path:
     raise InstructionDataError("data.source='jsonl' needs data.path (a .json/.jsonl file, a "
                                "directory or a glob).")
-  records = read_records(path, cfg_get(data_config, "glob", None))
-  val_fraction = float(cfg_get(data_config, "val_fraction", 0.02))
+  records = read_records(path, data_get(data_config, "glob"))
+  val_fraction = float(data_get(data_config, "val_fraction"))
   keyed = [(json.dumps(r, sort_keys=True), r) for r in records]
   chosen = [r for key, r in keyed if split_of(key, val_fraction) == split]
   if split not in ("train", "validation"):

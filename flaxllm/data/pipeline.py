@@ -32,8 +32,9 @@ import numpy as np
 
 from flaxllm.data import corpus as corpus_lib
 from flaxllm.data import instruct as instruct_lib
-from flaxllm.data.corpus import cfg_get
+from flaxllm.data.corpus import data_get
 from flaxllm.data.tokenizer import Tokenizer
+from flaxllm.models.config import ConfigError
 
 FEATURES = ("inputs", "targets", "loss_mask")
 STATE_VERSION = 1
@@ -72,6 +73,49 @@ def text_document(tokenizer: Tokenizer, record: Any, text_key: str = "text") -> 
 # a JSONL/chat format returns {'tokens', 'loss_mask'} with the mask on the response tokens, and
 # packing carries the mask through. Functions must be importable top-level ones (grain workers).
 DOCUMENT_FORMATS = {"text": text_document, **instruct_lib.FORMATS}  # + 'alpaca', 'chat' (data/instruct.py)
+
+
+# data.source -> function(data_config, split) -> (random-access records, identity string).
+SOURCES = {
+    "stdlib": corpus_lib.open_split,   # the embedded default corpus
+    "text": corpus_lib.open_split,     # local text files (data.path)
+    "tfds": corpus_lib.open_split,     # a prepared TFDS dataset (data.name, data.data_dir)
+    "jsonl": instruct_lib.open_split,  # JSON/JSONL records (instructions, chats, pairs)
+}
+PACKING = ("concat", "first_fit")
+PROCESS_SHARDING = ("source", "global")
+
+
+def open_split(data_config: Any, split: str):
+  """(records, identity) of ``split`` of the source named by ``data.source``."""
+  source = data_get(data_config, "source")
+  if source not in SOURCES:
+    raise ValueError(f"Unknown data.source {source!r}; use one of {sorted(SOURCES)}.")
+  return SOURCES[source](data_config, split)
+
+
+def check_section(data: Any, tokenizer: Any) -> None:
+  """``ConfigError`` (one sentence naming the key and the fix) for a ``config.data`` that
+  cannot work with ``config.tokenizer``; run before anything is built."""
+  def require(ok: bool, message: str):
+    if not ok:
+      raise ConfigError(message)
+
+  require(data.source in SOURCES, f"data.source={data.source!r} is not known; choose one of {sorted(SOURCES)}.")
+  if data.source in ("text", "jsonl"):
+    require(bool(data.path), f"data.source={data.source!r} needs data.path; set --config.data.path=<a file, directory or glob>.")
+  if data.source == "jsonl" and data.format in instruct_lib.FORMATS:
+    require(tokenizer.kind == "bytes" or bool(tokenizer.model_path),
+            "instruction data needs the base model's tokenizer; set --config.tokenizer.model_path=<base workdir>/tokenizer.model.")
+  if data.source == "tfds":
+    require(bool(data.name), "data.source='tfds' needs data.name; set e.g. --config.data.name=lm1b.")
+  require(data.format in DOCUMENT_FORMATS, f"data.format={data.format!r} is not known; choose one of {sorted(DOCUMENT_FORMATS)}.")
+  require(data.packing in PACKING, f"data.packing={data.packing!r} is not known; use one of {PACKING}.")
+  require(0.0 <= data.val_fraction < 1.0, f"data.val_fraction={data.val_fraction} must be in [0, 1); use e.g. 0.02.")
+  require(data.process_sharding in PROCESS_SHARDING,
+          f"data.process_sharding={data.process_sharding!r} is not known; use one of {PROCESS_SHARDING}.")
+  for key in ("max_files", "max_bytes", "worker_count", "read_threads"):
+    require(isinstance(data[key], int) and data[key] >= 0, f"data.{key}={data[key]!r} must be a non-negative integer.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,15 +179,15 @@ def pack_examples(
   each (input, target) pair comes from one document.
   """
   lengths = {k: seq_len for k in FEATURES}
+  if method not in PACKING:
+    raise ValueError(f"Unknown data.packing {method!r}; use one of {PACKING}.")
   if method == "concat":
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
-  elif method == "first_fit":
+  else:
     ds = grain.experimental.FlatMapIterDataset(ds, _ChunkExample(seq_len))
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct=lengths, num_packing_bins=num_bins, shuffle_bins=False
     )
-  else:
-    raise ValueError(f"Unknown data.packing {method!r}; use 'concat' or 'first_fit'.")
   return ds.map(_FinalizeRow(pad_id))
 
 
@@ -281,20 +325,17 @@ def make_iterator(
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len and batch_size must be positive but are {seq_len} and {batch_size}.")
   shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count)
-  if cfg_get(data_config, "source", "stdlib") == "jsonl":  # instruction records (data/instruct.py)
-    source, identity = instruct_lib.open_split(data_config, split)
-  else:
-    source, identity = corpus_lib.open_split(data_config, split)
+  source, identity = open_split(data_config, split)
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of {identity} is empty; use a split with documents.")
   train = split == "train"
-  shuffle = bool(train and cfg_get(data_config, "shuffle", True))
+  shuffle = bool(train and data_get(data_config, "shuffle"))
   if num_epochs is None and not train:
     num_epochs = 1
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be None (forever) or >= 1 but is {num_epochs}.")
-  packing = cfg_get(data_config, "packing", "concat")
-  workers = int(cfg_get(data_config, "worker_count", 0))
+  packing = data_get(data_config, "packing")
+  workers = int(data_get(data_config, "worker_count"))
   pad_id = tokenizer.pad_id
 
   ds = grain.MapDataset.source(source)
@@ -302,23 +343,23 @@ def make_iterator(
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   ds = ds[shard.shard_index :: shard.shard_count]
-  fmt = cfg_get(data_config, "format", "text")
+  fmt = data_get(data_config, "format")
   if fmt not in DOCUMENT_FORMATS:
     raise ValueError(f"Unknown data.format {fmt!r}; use one of {sorted(DOCUMENT_FORMATS)}.")
   document_fn = DOCUMENT_FORMATS[fmt]
-  template = cfg_get(data_config, "template", "") or ""
+  template = data_get(data_config, "template")
   if template:  # instruction formats take a prompt template (data.template)
     if fmt not in instruct_lib.FORMATS:
       raise ValueError(f"data.template is set but data.format={fmt!r} takes no template; use 'alpaca' or 'chat', or clear data.template.")
     document_fn = functools.partial(document_fn, template=template)
-  ds = ds.map(RecordToExample(tokenizer, document_fn, cfg_get(data_config, "text_key", "text")))
-  read_threads = int(cfg_get(data_config, "read_threads", 0))
+  ds = ds.map(RecordToExample(tokenizer, document_fn, data_get(data_config, "text_key")))
+  read_threads = int(data_get(data_config, "read_threads"))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 4 * read_threads)))
   if workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  it_ds = pack_examples(it_ds, seq_len, method=packing, pad_id=pad_id, num_bins=int(cfg_get(data_config, "packing_bins", 16)))
-  window = int(cfg_get(data_config, "shuffle_window", 0)) if shuffle else 0
+  it_ds = pack_examples(it_ds, seq_len, method=packing, pad_id=pad_id, num_bins=int(data_get(data_config, "packing_bins")))
+  window = int(data_get(data_config, "shuffle_window")) if shuffle else 0
   if window > 1:  # rows of one long document would otherwise fill whole batches
     it_ds = grain.experimental.WindowShuffleIterDataset(it_ds, window_size=window, seed=seed)
   it_ds = it_ds.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size, pad_id))

@@ -25,10 +25,11 @@ import os
 import tempfile
 from typing import Any, Iterable, Iterator, Sequence
 
+from ml_collections import ConfigDict
 import sentencepiece as spm
 
 from flaxllm.data import corpus as corpus_lib
-from flaxllm.data.corpus import cfg_get
+from flaxllm.models.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -184,19 +185,43 @@ class SentencePieceTokenizer(Tokenizer):
 
 # ----------------------------------------------------------------------------- training
 
-DEFAULT_SPM = dict(
-    vocab_size=4096,
-    model_type="bpe",
-    character_coverage=0.9995,
-    split_digits=True,
-    split_by_whitespace=True,
-    max_train_bytes=0,  # 0: the whole train split
-)
+KINDS = ("sentencepiece", "bytes")
+SPM_KEYS = ("vocab_size", "model_type", "character_coverage", "split_digits", "split_by_whitespace",
+            "max_train_bytes")
+
+
+def config_section() -> ConfigDict:
+  """``config.tokenizer`` (read by :func:`get_tokenizer`); the one source of its defaults."""
+  c = ConfigDict()
+  c.kind = "sentencepiece"     # one of KINDS: 'sentencepiece' (trained on the corpus) | 'bytes'
+  c.model_path = ""            # an existing tokenizer.model; '' = train one on the corpus
+  c.vocab_size = 4096          # sentencepiece training; <= model.vocab_size
+  c.model_type = "bpe"         # 'bpe' | 'unigram'
+  c.character_coverage = 0.9995
+  c.split_digits = True
+  c.split_by_whitespace = True
+  c.max_train_bytes = 0        # 0 = the whole train split
+  return c
+
+
+def check_section(tokenizer: Any, model_vocab_size: int) -> None:
+  """``ConfigError`` (one sentence) for a ``config.tokenizer`` that cannot work."""
+  if tokenizer.kind not in KINDS:
+    raise ConfigError(f"tokenizer.kind={tokenizer.kind!r} is not known; use one of {KINDS}.")
+  if tokenizer.kind == "sentencepiece" and not tokenizer.model_path and not 0 < tokenizer.vocab_size <= model_vocab_size:
+    raise ConfigError(f"tokenizer.vocab_size={tokenizer.vocab_size} does not fit model.vocab_size={model_vocab_size}; "
+                      "set tokenizer.vocab_size <= model.vocab_size.")
+
+
+def _get(config: Any, key: str) -> Any:
+  """``config[key]`` of a tokenizer config (dict or ConfigDict); missing or None: the default."""
+  value = config.get(key) if config is not None and hasattr(config, "get") else None
+  return config_section().get(key) if value is None else value
 
 
 def spm_settings(config: Any) -> dict[str, Any]:
   """The training settings of a tokenizer config (with defaults); part of the cache key."""
-  s = {k: cfg_get(config, k, v) for k, v in DEFAULT_SPM.items()}
+  s = {k: _get(config, k) for k in SPM_KEYS}
   s["vocab_size"] = int(s["vocab_size"])
   s["max_train_bytes"] = int(s["max_train_bytes"] or 0)
   # Fixed settings that make the model lossless for code; recorded so a change invalidates the cache.
@@ -256,7 +281,7 @@ def train_sentencepiece(texts: Sequence[str], settings: dict[str, Any]) -> bytes
 
 def _is_data_config(obj: Any) -> bool:
   return obj is not None and not isinstance(obj, (str, bytes, list, tuple)) and (
-      cfg_get(obj, "source") is not None
+      hasattr(obj, "get") and obj.get("source") is not None
   )
 
 
@@ -291,7 +316,7 @@ def train_or_load_sentencepiece(config: Any, corpus: Any) -> SentencePieceTokeni
   settings = spm_settings(config)
   identity, texts = _corpus_identity(corpus, settings["max_train_bytes"])
   key = hashlib.sha256(json.dumps({"corpus": identity, **settings}, sort_keys=True).encode()).hexdigest()[:16]
-  root = cfg_get(config, "cache_dir") or tokenizer_cache_root()
+  root = (config.get("cache_dir") if hasattr(config, "get") else None) or tokenizer_cache_root()
   out_dir = os.path.join(os.path.expanduser(root), f"spm{settings['vocab_size']}_{key}")
   path = os.path.join(out_dir, "tokenizer.model")
   if os.path.isfile(path):
@@ -326,12 +351,12 @@ def get_tokenizer(config: Any, corpus: Any = None) -> Tokenizer:
   'tfds', its train split is used), a directory of text files, or a list of
   strings.
   """
-  kind = cfg_get(config, "kind", "sentencepiece")
-  if kind in ("bytes", "byte"):
+  kind = _get(config, "kind")
+  if kind == "bytes":
     return ByteTokenizer()
   if kind != "sentencepiece":
-    raise ValueError(f"Unknown tokenizer.kind {kind!r}; use 'sentencepiece' or 'bytes'.")
-  model_path = cfg_get(config, "model_path", "")
+    raise ValueError(f"Unknown tokenizer.kind {kind!r}; use one of {KINDS}.")
+  model_path = _get(config, "model_path")
   if model_path:
     return SentencePieceTokenizer.load(model_path)
   if corpus is None:
@@ -350,3 +375,13 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
         f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_vocab_size}; "
         f"set model.vocab_size to at least {tokenizer.vocab_size} (e.g. {need}) or use a smaller tokenizer."
     )
+
+
+def fingerprint(tokenizer: Tokenizer) -> tuple | None:
+  """('sentencepiece', sha256 of the model proto) | ('bytes',) of a tokenizer, or None: two
+  tokenizers with one fingerprint map text to the same ids."""
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    return ("sentencepiece", hashlib.sha256(tokenizer.model_proto).hexdigest())
+  if isinstance(tokenizer, ByteTokenizer):
+    return ("bytes",)
+  return None

@@ -213,7 +213,7 @@ def _gpt2_config_from_hf(hf: dict) -> dict:
       init_std=float(hf.get('initializer_range', 0.02)))
 
 
-def _export_family(cfg: ModelConfig) -> str:
+def export_family(cfg: ModelConfig) -> str:
   """'llama' | 'mistral' | 'gpt2' for a ModelConfig that a transformers class can express."""
   def bad(why):
     raise HFInteropError(f'this model config cannot be exported to Hugging Face: {why}.')
@@ -247,7 +247,7 @@ def _export_family(cfg: ModelConfig) -> str:
 def config_to_hf(model_config, dtype=None) -> dict:
   """The config.json dict transformers needs for `model_config` (LLaMA, Mistral or GPT-2)."""
   cfg = ModelConfig.from_dict(model_config)
-  family = _export_family(cfg)
+  family = export_family(cfg)
   dtype_name = _dtype_name(_np_dtype(dtype or cfg.param_dtype))
   common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
                 initializer_range=cfg.init_std, use_cache=True, dtype=dtype_name,
@@ -287,7 +287,7 @@ def config_to_hf(model_config, dtype=None) -> dict:
 # ============================================================================ tensor mapping
 
 @dataclasses.dataclass(frozen=True)
-class _Group:
+class TensorGroup:
   """HF tensors <-> flaxllm params that convert together (one-to-one except GPT-2 c_attn).
 
   `flax` paths are relative to the layer (`decoder/layers_{i}/...`) when `layer` is set."""
@@ -300,16 +300,16 @@ class _Group:
   layer: Optional[int] = None
 
 
-def _one(hf, hf_shape, flax, flax_shape, to_flax, to_hf, layer=None) -> _Group:
-  return _Group((hf,), (tuple(hf_shape),), (tuple(flax),), (tuple(flax_shape),),
+def _one(hf, hf_shape, flax, flax_shape, to_flax, to_hf, layer=None) -> TensorGroup:
+  return TensorGroup((hf,), (tuple(hf_shape),), (tuple(flax),), (tuple(flax_shape),),
                 lambda a: [to_flax(a[0])], lambda a: [to_hf(a[0])], layer)
 
 
-def _same(hf, flax, shape, layer=None) -> _Group:
+def _same(hf, flax, shape, layer=None) -> TensorGroup:
   return _one(hf, shape, flax, shape, lambda x: x, lambda x: x, layer)
 
 
-def _linear_t(hf, flax, out_shape, in_dim, layer=None) -> _Group:
+def _linear_t(hf, flax, out_shape, in_dim, layer=None) -> TensorGroup:
   """nn.Linear weight [prod(out), in] <-> kernel [in, *out]."""
   out_shape = tuple(out_shape)
   n = math.prod(out_shape)
@@ -318,7 +318,7 @@ def _linear_t(hf, flax, out_shape, in_dim, layer=None) -> _Group:
               layer)
 
 
-def _linear_in(hf, flax, in_shape, out_dim, layer=None) -> _Group:
+def _linear_in(hf, flax, in_shape, out_dim, layer=None) -> TensorGroup:
   """nn.Linear weight [out, prod(in)] <-> kernel [*in, out] (the attention output proj)."""
   in_shape = tuple(in_shape)
   n = math.prod(in_shape)
@@ -327,13 +327,13 @@ def _linear_in(hf, flax, in_shape, out_dim, layer=None) -> _Group:
               layer)
 
 
-def _reshape(hf, flax, hf_shape, flax_shape, layer=None) -> _Group:
+def _reshape(hf, flax, hf_shape, flax_shape, layer=None) -> TensorGroup:
   hf_shape, flax_shape = tuple(hf_shape), tuple(flax_shape)
   return _one(hf, hf_shape, flax, flax_shape, lambda x: x.reshape(flax_shape),
               lambda x: x.reshape(hf_shape), layer)
 
 
-def _llama_groups(cfg: ModelConfig) -> list[_Group]:
+def _llama_groups(cfg: ModelConfig) -> list[TensorGroup]:
   D, h, kvh, d, F, V = (cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.mlp_dim,
                         cfg.vocab_size)
   groups = [_same('model.embed_tokens.weight', ('embed', 'embedding'), (V, D))]
@@ -363,7 +363,7 @@ def _llama_groups(cfg: ModelConfig) -> list[_Group]:
   return groups
 
 
-def _gpt2_groups(cfg: ModelConfig, prefix: str = 'transformer.') -> list[_Group]:
+def _gpt2_groups(cfg: ModelConfig, prefix: str = 'transformer.') -> list[TensorGroup]:
   D, h, d, F, V = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.mlp_dim, cfg.vocab_size
   t = prefix
   groups = [_same(f'{t}wte.weight', ('embed', 'embedding'), (V, D)),
@@ -372,11 +372,11 @@ def _gpt2_groups(cfg: ModelConfig, prefix: str = 'transformer.') -> list[_Group]
   qkv_b = tuple(('attn', f'{n}_proj', 'bias') for n in 'qkv')
   for i in range(cfg.num_layers):
     p = f'{t}h.{i}.'
-    groups.append(_Group(
+    groups.append(TensorGroup(
         (f'{p}attn.c_attn.weight',), ((D, 3 * D),), qkv, ((D, h, d),) * 3,
         lambda a: [w.reshape(D, h, d) for w in np.split(a[0], 3, axis=1)],
         lambda a: [np.concatenate([k.reshape(D, h * d) for k in a], axis=1)], i))
-    groups.append(_Group(
+    groups.append(TensorGroup(
         (f'{p}attn.c_attn.bias',), ((3 * D,),), qkv_b, ((h, d),) * 3,
         lambda a: [b.reshape(h, d) for b in np.split(a[0], 3)],
         lambda a: [np.concatenate([b.reshape(h * d) for b in a])], i))
@@ -404,11 +404,14 @@ _IGNORED = {
 }
 
 
-def _groups_for(family: str, cfg: ModelConfig, prefix: str = 'transformer.') -> list[_Group]:
+def tensor_groups(family: str, cfg: ModelConfig, prefix: str = 'transformer.'
+                  ) -> list[TensorGroup]:
+  """The tensor groups of a 'llama' or 'gpt2' family model (how every tensor converts)."""
   return _gpt2_groups(cfg, prefix) if family == 'gpt2' else _llama_groups(cfg)
 
 
-def _flax_path(g: _Group, rel: tuple[str, ...], scanned: bool) -> tuple[str, ...]:
+def flax_path(g: TensorGroup, rel: tuple[str, ...], scanned: bool) -> tuple[str, ...]:
+  """The flaxllm param path of a group's relative path `rel` (in layer `g.layer`)."""
   if g.layer is None:
     return rel
   return ('decoder', 'layers' if scanned else f'layers_{g.layer}') + rel
@@ -542,7 +545,7 @@ def load(path: str, *, dtype=None, compute_dtype=None, scan_layers: bool = False
   prefix = 'transformer.'
   if family == 'gpt2' and not any(n.startswith('transformer.') for n in present):
     prefix = ''  # the original OpenAI-converted GPT-2 files name tensors 'h.0...', 'wte...'
-  groups = _groups_for(family, cfg, prefix)
+  groups = tensor_groups(family, cfg, prefix)
   _check_tensors(groups, src, family, cfg, arch)
 
   import jax.numpy as jnp
@@ -554,13 +557,13 @@ def load(path: str, *, dtype=None, compute_dtype=None, scan_layers: bool = False
       for rel, arr in zip(g.flax, arrays):
         arr = np.asarray(arr).astype(dtype, copy=False)
         if g.layer is not None and scan_layers:
-          key = _flax_path(g, rel, True)
+          key = flax_path(g, rel, True)
           if key not in stacked:
             stacked[key] = np.empty((cfg.num_layers,) + arr.shape, dtype)
           stacked[key][g.layer] = arr
         else:
           # To the device now, so the host holds about one tensor at a time.
-          _set(params, _flax_path(g, rel, False), jnp.asarray(arr))
+          _set(params, flax_path(g, rel, False), jnp.asarray(arr))
   finally:
     src.close()
   for key in list(stacked):
@@ -572,14 +575,14 @@ def _check_tensors(groups, src: _TensorSource, family: str, cfg: ModelConfig, ar
   """Missing / extra / mis-shaped tensors -> one HFInteropError naming them."""
   present = src.names()
   expected = {n: s for g in groups for n, s in zip(g.hf, g.hf_shapes)}
-  missing = sorted(set(expected) - present, key=_natural)
+  missing = sorted(set(expected) - present, key=natural_key)
   if missing:
     raise HFInteropError(f'{arch} checkpoint is missing tensor(s) {_names(missing)} that its '
                          'config.json requires.')
   ignored = [re.compile(p) for p in _IGNORED[family]]
   extra = sorted((n for n in present - set(expected)
                   if not any(p.fullmatch(n) for p in ignored)
-                  and not (n == 'lm_head.weight' and cfg.tie_embeddings)), key=_natural)
+                  and not (n == 'lm_head.weight' and cfg.tie_embeddings)), key=natural_key)
   if extra:
     raise HFInteropError(f'{arch} checkpoint has unexpected tensor(s) {_names(extra)} that '
                          'its config.json does not account for.')
@@ -589,7 +592,8 @@ def _check_tensors(groups, src: _TensorSource, family: str, cfg: ModelConfig, ar
                            f'config expects {expected[n]}.')
 
 
-def _natural(s: str):
+def natural_key(s: str):
+  """Sort key that orders 'layers.10' after 'layers.9'."""
   return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', s)]
 
 
@@ -652,26 +656,26 @@ def save(model_config, params, path: str, *, dtype=None,
   from safetensors.numpy import save_file
 
   cfg = ModelConfig.from_dict(model_config)
-  family = _export_family(cfg)
+  family = export_family(cfg)
   params = nn.meta.unbox(params)
   if set(params) == {'params'}:
     params = params['params']
   params = dict(params)
   leaves = _flatten_paths(params)
   scanned = any(p[:2] == ('decoder', 'layers') for p in leaves)
-  groups = _groups_for('gpt2' if family == 'gpt2' else 'llama', cfg)
+  groups = tensor_groups('gpt2' if family == 'gpt2' else 'llama', cfg)
   out_dtype = _np_dtype(dtype)
 
   # Validate the tree before writing anything.
   expected = {}
   for g in groups:
     for rel, shape in zip(g.flax, g.flax_shapes):
-      fp = _flax_path(g, rel, scanned)
+      fp = flax_path(g, rel, scanned)
       expected[fp] = (cfg.num_layers,) + shape if (scanned and g.layer is not None) else shape
-  missing = sorted(('/'.join(p) for p in set(expected) - set(leaves)), key=_natural)
+  missing = sorted(('/'.join(p) for p in set(expected) - set(leaves)), key=natural_key)
   if missing:
     raise HFInteropError(f'params are missing {_names(missing)} required by the model config.')
-  extra = sorted(('/'.join(p) for p in set(leaves) - set(expected)), key=_natural)
+  extra = sorted(('/'.join(p) for p in set(leaves) - set(expected)), key=natural_key)
   if extra:
     raise HFInteropError(f'params have unexpected entries {_names(extra)} that the model '
                          'config does not account for.')
@@ -683,11 +687,11 @@ def save(model_config, params, path: str, *, dtype=None,
   def group_dtype(g):
     if out_dtype is not None:
       return out_dtype
-    return np.dtype(leaves[_flax_path(g, g.flax[0], scanned)].dtype)
+    return np.dtype(leaves[flax_path(g, g.flax[0], scanned)].dtype)
 
   # Plan shards by group (a group's tensors stay together).
   limit = _parse_size(max_shard_size)
-  shards: list[list[_Group]] = [[]]
+  shards: list[list[TensorGroup]] = [[]]
   size = 0
   for g in groups:
     nbytes = sum(math.prod(s) for s in g.hf_shapes) * group_dtype(g).itemsize
@@ -710,7 +714,7 @@ def save(model_config, params, path: str, *, dtype=None,
     for g in shard:
       flax_arrays = []
       for rel in g.flax:
-        x = leaves[_flax_path(g, rel, scanned)]
+        x = leaves[flax_path(g, rel, scanned)]
         if scanned and g.layer is not None:
           x = x[g.layer]
         flax_arrays.append(np.asarray(jax.device_get(x)))

@@ -27,7 +27,7 @@ import numpy as np
 from flaxllm import lora
 from flaxllm.interop import hf as hf_lib
 from flaxllm.models.config import ModelConfig
-from flaxllm.peft import rules as rules_lib
+from flaxllm.peft import path_rules as rules_lib
 
 ADAPTER_CONFIG = 'adapter_config.json'
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
@@ -41,16 +41,16 @@ class PeftInteropError(ValueError):
 def _kernel_modules(cfg: ModelConfig, scanned: bool) -> dict[str, list[tuple]]:
   """flaxllm kernel path -> [(HF module name, layer index or None, per-layer kernel shape)]
   for the Linear kernels of a LLaMA-family model, taken from the HF tensor mapping."""
-  family = hf_lib._export_family(cfg)  # pylint: disable=protected-access
+  family = hf_lib.export_family(cfg)
   if family not in ('llama', 'mistral'):
     raise PeftInteropError(f'PEFT adapters export for LLaMA/Mistral models; this is a {family} '
                            'model (its fused projections have no per-projection LoRA).')
   out = {}
-  for g in hf_lib._groups_for('llama', cfg):  # pylint: disable=protected-access
+  for g in hf_lib.tensor_groups('llama', cfg):
     for name, rel, shape in zip(g.hf, g.flax, g.flax_shapes):
       if rel[-1] != 'kernel':
         continue
-      path = '/'.join(hf_lib._flax_path(g, rel, scanned))  # pylint: disable=protected-access
+      path = '/'.join(hf_lib.flax_path(g, rel, scanned))
       out.setdefault(path, []).append((name[:-len('.weight')], g.layer, shape))
   return out
 
@@ -94,7 +94,7 @@ def save_adapter(model_config, adapters, path: str, *,
   config = {
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': rank, 'lora_alpha': scale * rank,
       'use_rslora': False, 'lora_dropout': dropouts.pop() if len(dropouts) == 1 else 0.0,
-      'target_modules': sorted(targets, key=hf_lib._natural),  # pylint: disable=protected-access
+      'target_modules': sorted(targets, key=hf_lib.natural_key),
       'bias': 'none', 'fan_in_fan_out': False, 'modules_to_save': None,
       'init_lora_weights': True, 'inference_mode': True,
       'base_model_name_or_path': base_model_name_or_path or None,

@@ -121,7 +121,7 @@ def _per_shard(kernel, q, k, v, q_seg, kv_seg, *scalars):
 
   XLA cannot partition a Pallas call, so under `jax.set_mesh` the kernel runs in a
   `shard_map` over the batch and head axes, split as the models' logical axis rules
-  ('batch', 'heads', 'kv_heads'; see flaxllm.parallel.rules) split the activations.
+  ('batch', 'heads', 'kv_heads'; see flaxllm.parallel.axis_rules) split the activations.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from ml_collections import ConfigDict, config_dict
+
 
 class ConfigError(ValueError):
   """A model configuration that cannot work; the message names the field and the fix."""
@@ -132,3 +134,14 @@ class ModelConfig:
     d = self.to_dict()
     d['rope_scaling'] = tuple(sorted((self.rope_scaling or {}).items()))
     return hash(tuple(sorted(d.items())))
+
+
+def config_section():
+  """`config.model`: every ModelConfig field with its default (None-valued fields are typed
+  placeholders, so `--config.model.num_kv_heads=2` converts its text)."""
+  c = ConfigDict(ModelConfig().to_dict())
+  for f in dataclasses.fields(ModelConfig):
+    if f.default is None:
+      kind = dict if f.name == 'rope_scaling' else int
+      c[f.name] = config_dict.placeholder(kind)
+  return c

@@ -15,20 +15,16 @@ Targets:
                      TargetUnavailable saying so.
 
     devices, desc = target_devices('tpu:v5e:4x4')
-    mesh = make_mesh(config.mesh, devices)
-    report = compile_train_step(config, mesh, target=desc)   # the trainer's step
+    report = analyze(compile_aot(jitted_step, *abstract_args), desc, len(devices))
     check_memory(report, '16GiB')
 
-or from the command line: `flaxllm compile --config=... --budget=16GiB` (see `main`).
+The trainer's own step is compiled this way by `flaxllm.train.compile` (`flaxllm compile
+--config=... --budget=16GiB`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import re
-import sys
-import time
 from typing import Callable
 
 import jax
@@ -174,86 +170,3 @@ def check_memory(report: MemoryReport, budget) -> None:
         f'{g(report.temp_bytes)}, aliased -{g(report.alias_bytes)}) but the budget is '
         f'{g(budget)}; shard over more devices (mesh.fsdp), enable model.remat, or lower the '
         'per-device batch.')
-
-
-def compile_train_step(config, mesh, target: str = '') -> MemoryReport:
-  """AOT-compiles the trainer's train step (`flaxllm.train.trainer.build_programs`: the same
-  model, optimizer, fine-tuning split and shardings as `flaxllm train`) of `config` on `mesh`,
-  for one global batch of `config.batch_size` x `config.seq_len` tokens."""
-  import jax.numpy as jnp
-  from flaxllm import models
-  from flaxllm.distill import hooks as distill
-  from flaxllm.parallel import rules as rules_lib
-  from flaxllm.train import step as step_lib
-  from flaxllm.train import trainer
-
-  if distill.enabled(config):
-    raise ValueError('flaxllm compile does not cover distillation (the teacher is a second '
-                     "model); compile the student alone with --config.distill.teacher=''.")
-  programs = trainer.build_programs(config, mesh)
-  rules_lib.check_batch(config.batch_size, mesh, programs.rules)
-  shape = (config.batch_size, config.seq_len)
-  sharding = rules_lib.batch_sharding(mesh, programs.rules, 2)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'loss_mask' else jnp.int32,
-                                   sharding=sharding) for k in step_lib.BATCH_KEYS}
-  frozen = {} if programs.abstract_base is None else {'base': programs.abstract_base}
-  t0 = time.perf_counter()
-  compiled = compile_aot(programs.train_step, programs.abstract_state, batch, frozen)
-  report = analyze(compiled, target or str(mesh.devices.flat[0].platform), mesh.devices.size,
-                   time.perf_counter() - t0)
-  model_flops = models.flops_per_token(programs.model_cfg, config.seq_len) * shape[0] * shape[1]
-  report.extra.update(mesh=dict(mesh.shape), rules=config.parallel.rules, batch=shape[0],
-                      seq=shape[1], model_flops_per_device=model_flops / mesh.devices.size)
-  return report
-
-
-def main(argv=None) -> int:
-  """flaxllm compile --config=SPEC [--config.k=v ...] [--target=cpu|tpu:<topology>]
-  [--devices=N] [--budget=16GiB] [--json]
-
-  Lowers and compiles the train step of a config for its mesh (`config.mesh`) without running
-  it, prints the per-device memory and FLOPs, and exits 1 with one sentence when the config is
-  inconsistent or the step needs more than --budget per device. --devices=N compiles for N
-  fake CPU devices (no accelerator needed); --target=tpu:v5e:8x8 for a real TPU topology
-  (needs libtpu, no TPU).
-
-    flaxllm compile --config=configs/pretrain.py:size=llama3_8b --devices=64 \\
-        --config.batch_size=64 --config.seq_len=2048 --budget=16GiB
-"""
-  ap = argparse.ArgumentParser(prog='flaxllm compile', description=main.__doc__.split('\n\n')[1],
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--config', required=True, help='config file and variant (as flaxllm train)')
-  ap.add_argument('--target', default='cpu', help="'cpu' or 'tpu:<topology>' (e.g. tpu:v5e:4x4)")
-  ap.add_argument('--devices', type=int, default=0,
-                  help='number of fake CPU devices (target cpu; default: as JAX starts)')
-  ap.add_argument('--budget', default=None, help='per-device memory budget, e.g. 16GiB')
-  ap.add_argument('--json', action='store_true', help='print the report as one JSON line')
-  argv = list(sys.argv[1:] if argv is None else argv)
-  overrides = [a for a in argv if a.startswith('--config.')]
-  args = ap.parse_args([a for a in argv if not a.startswith('--config.')])
-  if args.devices:
-    jax.config.update('jax_num_cpu_devices', args.devices)  # before any backend starts
-  from flaxllm import config as config_lib
-  from flaxllm.parallel import mesh as mesh_lib
-  try:
-    config = config_lib.load_config(args.config, overrides)
-    devices, desc = target_devices(args.target)
-    mesh = mesh_lib.make_mesh(config.mesh, devices)
-    report = compile_train_step(config, mesh, desc)
-    if args.json:
-      print(json.dumps(report.to_dict()))
-    else:
-      print(f'{config.batch_size} x {config.seq_len} tokens on {mesh_lib.describe(mesh)}, rules '
-            f'{config.parallel.rules}:\n{report.summary()}\nmodel FLOPs per device and step: '
-            f'{report.extra["model_flops_per_device"] / 1e12:.3g} TFLOP')
-    if args.budget:
-      check_memory(report, args.budget)
-      print(f'fits the budget of {fmt_bytes(parse_bytes(args.budget))} per device.')
-  except (TargetUnavailable, MemoryBudgetError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
+from ml_collections import ConfigDict
 
 AXES = ('data', 'fsdp', 'tensor')
 DCN_AXES = ('dcn_data', 'dcn_fsdp')
@@ -26,6 +27,22 @@ DEFAULT = {'data': 1, 'fsdp': -1, 'tensor': 1, 'dcn_data': 1, 'dcn_fsdp': 1}
 
 class MeshError(ValueError):
   """A mesh configuration that cannot be built; the message names the axis and the fix."""
+
+
+def config_section() -> ConfigDict:
+  """`config.mesh`: a mesh over all devices; one in-slice axis may be -1 (the remaining
+  devices); the dcn_* factors split multi-slice TPU pods across slices."""
+  return ConfigDict(DEFAULT)
+
+
+def check_section(mesh_cfg) -> None:
+  """MeshError (one sentence) for an axis size that is neither positive nor -1."""
+  for axis, size in _as_dict(mesh_cfg).items():
+    if axis not in DEFAULT:
+      raise MeshError(f'mesh.{axis} is not a mesh axis; use {sorted(DEFAULT)}.')
+    if not (isinstance(size, int) and not isinstance(size, bool) and (size >= 1 or size == -1)):
+      raise MeshError(f'mesh.{axis}={size!r} must be a positive integer or -1 (the remaining '
+                      f'devices); set e.g. --config.mesh.{axis}=1.')
 
 
 def _as_dict(mesh_cfg) -> dict:

@@ -28,13 +28,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flaxllm.parallel import rules as rules_lib
+from flaxllm.parallel import axis_rules as rules_lib
 
 
 @contextlib.contextmanager
 def sharding_context(mesh: Mesh, rules=None):
   """Sets `mesh` as the current mesh and `rules` for Linen's logical activation constraints."""
-  with jax.set_mesh(mesh), rules_lib.axis_rules(rules):
+  with jax.set_mesh(mesh), rules_lib.rules_context(rules):
     yield
 
 
@@ -43,7 +43,7 @@ def step_context(mesh: Mesh, rules=None):
   """For use *inside* a jitted step (where `jax.set_mesh` is not allowed): makes the mesh and
   `rules` visible to Linen's `with_logical_constraint`, so activations are sharded too.
   Without it (and outside `sharding_context`) the models' activation annotations are no-ops."""
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), rules_lib.axis_rules(rules):
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), rules_lib.rules_context(rules):
     yield
 
 

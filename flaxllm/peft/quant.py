@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxllm.peft import rules as rules_lib
+from flaxllm.peft import path_rules as rules_lib
 
 # The 16 NF4 levels (bitsandbytes' table, the QLoRA paper's Appendix E).
 NF4_LEVELS = np.array([

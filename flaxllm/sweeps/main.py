@@ -13,27 +13,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
 
+from flaxllm import cli
+from flaxllm import config as config_lib
 from flaxllm.models.config import ConfigError
 from flaxllm.sweeps import fit as fit_lib
+from flaxllm.sweeps import plots
 from flaxllm.sweeps import runner as runner_lib
+from flaxllm.sweeps import spec as spec_lib
+from flaxllm.sweeps import wandb_export
 from flaxllm.sweeps.spec import human
-from flaxllm.train import main as train_main
-
-
-def _split_overrides(argv: Sequence[str]):
-  return ([a for a in argv if not a.startswith('--config.')],
-          [a for a in argv if a.startswith('--config.')])
 
 
 # ----------------------------------------------------------------------------- flaxllm sweep
 
 def _sweep(argv) -> int:
-  argv, common = _split_overrides(argv)
+  common, argv = cli.split_overrides(argv)
   p = argparse.ArgumentParser(prog='flaxllm sweep', description='Run or export a sweep.')
   p.add_argument('--config', required=True, help='sweep file (get_config + get_sweep)[:variant]')
   p.add_argument('--workdir', help='sweep directory (one workdir per point); with '
@@ -49,7 +47,6 @@ def _sweep(argv) -> int:
   stem = os.path.splitext(os.path.basename(args.config.partition(':')[0]))[0]
   name = args.name or (os.path.basename(os.path.abspath(args.workdir)) if args.workdir else stem)
   if args.export_wandb:
-    from flaxllm.sweeps import wandb_export  # pylint: disable=import-outside-toplevel
     data = wandb_export.export(sweep, args.export_wandb, name=name, method=args.method,
                                workdir_root=args.workdir or os.path.join('runs', name))
     print(f'Wrote {args.export_wandb}: {data["method"]} sweep over '
@@ -68,8 +65,6 @@ def _sweep(argv) -> int:
 
 
 def _print_points(sweep: runner_lib.Sweep):
-  from flaxllm import config as config_lib  # pylint: disable=import-outside-toplevel
-  from flaxllm.sweeps import spec as spec_lib  # pylint: disable=import-outside-toplevel
   print(f'{"point":<24} {"N":>8} {"N (no emb)":>10} {"D":>8} {"6ND":>8} {"steps":>6}')
   for point in sweep.points:
     config = config_lib.load_config(sweep.spec, [*sweep.common, *runner_lib.point_args(point)])
@@ -82,8 +77,7 @@ def _print_points(sweep: runner_lib.Sweep):
 
 def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of `flaxllm sweep`."""
-  train_main._quiet_logs()  # pylint: disable=protected-access
-  return train_main._run(_sweep, list(sys.argv[1:] if argv is None else argv))  # pylint: disable=protected-access
+  return cli.run(_sweep, argv)
 
 
 # ----------------------------------------------------------------------------- flaxllm scaling
@@ -202,7 +196,6 @@ def _scaling(argv) -> int:
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'fit.json'), 'w') as f:
     json.dump(_json_ready(result), f, indent=2)
-  from flaxllm.sweeps import plots  # pylint: disable=import-outside-toplevel
   paths = plots.plot_all(result, out_dir)
   print(f'Wrote {os.path.join(out_dir, "fit.json")} and {", ".join(paths)}.')
   return 0
@@ -210,8 +203,7 @@ def _scaling(argv) -> int:
 
 def scaling_main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of `flaxllm scaling`."""
-  train_main._quiet_logs()  # pylint: disable=protected-access
-  return train_main._run(_scaling, list(sys.argv[1:] if argv is None else argv))  # pylint: disable=protected-access
+  return cli.run(_scaling, argv)
 
 
 __all__ = ['sweep_main', 'scaling_main', 'fit_sweep', 'format_fit', 'table']

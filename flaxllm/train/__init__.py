@@ -1,20 +1,13 @@
-"""Training: `train(config, workdir)` and the `flaxllm train` / `flaxllm eval` commands.
+"""Training: the trainer and its commands.
 
-  config.py (flaxllm/)  experiment files, overrides, validation
-  optim.py              optimizers and schedules by name, weight-decay mask by path regexes
-  step.py               TrainState, loss, the jittable train/eval steps (grad accumulation)
-  checkpoint.py         orbax checkpoints of (state, data iterator), fallback on corruption
-  metrics.py            metrics.jsonl, W&B, progress bar, MFU peak, loss-curve PNG
-  trainer.py            the linear trainer
-  main.py               train_main / eval_main (command lines)
+  step.py            TrainState and the jittable train/eval steps of a LossFn (grad accumulation)
+  optim.py           optimizers and schedules by name (config.optim, config.schedule)
+  metrics.py         metrics.jsonl, W&B, progress bar, MFU peak, loss-curve PNG (config.wandb)
+  trainer.py         the linear trainer: `train(config, workdir)`; `build_programs`
+  compile.py         `flaxllm compile`: the trainer's train step compiled ahead of time
+  main.py            `flaxllm train` / `flaxllm eval`
+  distill_data.py    `flaxllm distill-data`: teacher outputs for students, made once
+
+What is trained and its loss come from flaxllm.objectives; the run directory (checkpoints,
+tokenizer, exported model) is flaxllm.rundir; the config is flaxllm.config.
 """
-from flaxllm.train.main import eval_main, evaluate_workdir, train_main
-
-
-def train(config, workdir: str) -> dict:
-  """See flaxllm.train.trainer.train (imported lazily: JAX is heavy)."""
-  from flaxllm.train import trainer  # pylint: disable=import-outside-toplevel
-  return trainer.train(config, workdir)
-
-
-__all__ = ['train', 'train_main', 'eval_main', 'evaluate_workdir']

@@ -19,11 +19,32 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
+
+from flaxllm import rundir
+from flaxllm.models.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = 'metrics.jsonl'
-WANDB_ID_FILE = 'wandb_id.txt'
+METRICS_FILE = rundir.METRICS_FILE
+WANDB_ID_FILE = rundir.WANDB_ID_FILE
+WANDB_MODES = ('', 'online', 'offline', 'disabled')
+
+
+def wandb_section() -> ConfigDict:
+  """`config.wandb`: the W&B run of a training run."""
+  c = ConfigDict()
+  c.enabled = True
+  c.mode = ''                      # '' = $WANDB_MODE, else 'offline' without $WANDB_API_KEY
+  c.project = 'flaxllm'
+  c.group = ''
+  c.name = ''
+  return c
+
+
+def check_wandb_section(section) -> None:
+  if section.mode not in WANDB_MODES:
+    raise ConfigError(f'wandb.mode={section.mode!r} is not known; use one of {WANDB_MODES}.')
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s
@@ -197,7 +218,7 @@ def plot_losses(workdir: str, path: str | None = None) -> str | None:
   ax.set_title(os.path.basename(os.path.abspath(workdir)))
   ax.grid(alpha=0.3)
   ax.legend()
-  path = path or os.path.join(workdir, 'loss_curve.png')
+  path = path or os.path.join(workdir, rundir.LOSS_CURVE)
   fig.tight_layout()
   fig.savefig(path + '.tmp.png', dpi=100)
   plt.close(fig)

@@ -14,8 +14,10 @@ from typing import Callable, Sequence
 
 import jax.numpy as jnp
 import optax
+from ml_collections import ConfigDict
 
 from flaxllm.models import params as params_lib
+from flaxllm.models.config import ConfigError
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -73,6 +75,15 @@ def make_schedule(name: str, *, lr: float, total_steps: int, warmup_steps: int =
   return schedule
 
 
+def schedule_section() -> ConfigDict:
+  """`config.schedule`: warmup, then one of SCHEDULES."""
+  c = ConfigDict()
+  c.name = 'cosine'                # after warmup: 'cosine' | 'linear' | 'constant' | 'rsqrt'
+  c.warmup_steps = 100
+  c.end_lr_frac = 0.1              # cosine/linear: final lr = lr * end_lr_frac
+  return c
+
+
 def schedule_from_config(config) -> Callable:
   s = config.schedule
   return make_schedule(s.name, lr=config.optim.lr, total_steps=config.total_steps,
@@ -111,6 +122,52 @@ def _lion(o, lr, mask):
 
 
 OPTIMIZERS: dict[str, Callable] = {'adamw': _adamw, 'adam': _adam, 'sgd': _sgd, 'lion': _lion}
+
+
+def optim_section() -> ConfigDict:
+  """`config.optim`: global-norm clipping, then one of OPTIMIZERS."""
+  c = ConfigDict()
+  c.name = 'adamw'                 # 'adamw' | 'adam' | 'sgd' | 'lion'
+  c.lr = 1e-3                      # peak learning rate
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.eps = 1e-8
+  c.weight_decay = 0.1
+  # Regexes over `/`-joined param paths (re.search): matching params get NO weight decay.
+  c.wd_exclude = (r'norm/', r'bias$', r'embedding$')
+  c.grad_clip = 1.0                # global-norm clipping; 0 = off
+  c.accum_steps = 1                # micro-batches per step (lax.scan; per-token normalisation)
+  return c
+
+
+def check_sections(config) -> None:
+  """ConfigError (one sentence) for `config.optim` / `config.schedule` values that cannot work
+  (positivity of the numbers is checked with the run's keys)."""
+  o, s = config.optim, config.schedule
+
+  def require(ok, message):
+    if not ok:
+      raise ConfigError(message)
+  require(o.name in OPTIMIZERS, f'optim.name={o.name!r} is not a known optimizer; choose one of '
+                                f'{tuple(OPTIMIZERS)}.')
+  require(s.name in SCHEDULES, f'schedule.name={s.name!r} is not a known schedule; choose one '
+                               f'of {tuple(SCHEDULES)}.')
+  require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0,
+          f'optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1); use e.g. 0.9 and 0.95.')
+  require(0.0 <= s.end_lr_frac <= 1.0,
+          f'schedule.end_lr_frac={s.end_lr_frac} must be in [0, 1]; use e.g. 0.1.')
+  require(s.warmup_steps <= config.total_steps,
+          f'schedule.warmup_steps={s.warmup_steps} exceeds total_steps={config.total_steps}; '
+          'lower the warmup or raise total_steps.')
+  for pattern in o.wd_exclude:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f'optim.wd_exclude pattern {pattern!r} is not a valid regex ({e}); fix '
+                        'or remove it.') from e
+  require(config.batch_size % o.accum_steps == 0,
+          f'batch_size={config.batch_size} is not divisible by optim.accum_steps='
+          f'{o.accum_steps}; make batch_size a multiple of accum_steps.')
 
 
 def make_optimizer(config, params) -> optax.GradientTransformation:

@@ -1,23 +1,24 @@
-"""The train state and the pure, jittable train and eval steps.
+"""The train state and the pure, jittable train and eval steps of a LossFn.
 
-    loss_fn = lm_loss(model, z_loss=1e-4)
+    loss_fn = objective.train_loss(model)     # flaxllm.objectives, e.g. lm.lm_loss(model)
     state = init_state(params, tx, jax.random.PRNGKey(seed))
     train_step = jax.jit(make_train_step(loss_fn, tx, schedule, accum_steps=2), donate_argnums=0)
     state, metrics = train_step(state, batch, frozen)   # batch: dict of [batch, seq] arrays
 
-A batch holds `inputs`, `targets`, `positions`, `segment_ids` and `loss_mask` (the layout of
-`flaxllm.data.make_iterator`). The loss is the token-weighted mean
+A batch is a dict of arrays whose layout the objective defines (a language model's: `inputs`,
+`targets`, `positions`, `segment_ids`, `loss_mask`). The loss is the token-weighted mean
     loss = sum(CE * loss_mask) / sum(loss_mask)
 over the WHOLE batch, also with gradient accumulation: each micro-batch contributes the
 gradient of its loss *sum*, and the total is divided once by the batch's token count.
 
 What is trained and what the loss is are both pluggable, as pure functions:
-  * `state.params` is the TRAINABLE tree (all params, LoRA adapters, an unfrozen subset);
-    `frozen` is a tree that gets no gradient, no optimizer state and is not donated (frozen
-    base weights, a distillation teacher); it is `{}` for plain training.
-  * a LossFn `(params, frozen, batch, rng) -> (objective_sum, sums)` returns float32 SUMS over
-    its (micro-)batch; `sums` has 'ce' and 'tokens' (= sum(loss_mask)), and every other key k
-    is reported as the metric `sums[k] / tokens` ('ce' as 'loss', 'z' as 'z_loss').
+  * `state.params` is the TRAINABLE tree (all params, LoRA adapters, an unfrozen subset, an
+    objective's heads); `frozen` is a dict of trees that get no gradient, no optimizer state and
+    are not donated (frozen base weights, a distillation teacher); `{}` for plain training.
+  * a LossFn `(params, frozen, batch, rng) -> (objective_sum, sums)` (flaxllm.objectives.base)
+    returns float32 SUMS over its (micro-)batch; `sums` has 'ce' and 'tokens' (= sum(loss_mask)),
+    and every other key k is reported as the metric `sums[k] / tokens` ('ce' as 'loss', 'z' as
+    'z_loss').
 The steps hold no host-side logic, so sharding only adds `in_shardings`/`out_shardings`.
 """
 from __future__ import annotations
@@ -25,14 +26,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-BATCH_KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
-
-LossFn = Callable[[Any, Any, dict, Any], tuple[jax.Array, dict]]
+from flaxllm.objectives.base import LossFn
 
 
 @flax.struct.dataclass
@@ -47,77 +45,6 @@ def init_state(params, tx: optax.GradientTransformation, rng) -> TrainState:
   """A fresh state around the trainable `params` (jit or eval_shape this)."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=rng)
-
-
-# ----------------------------------------------------------------------------- losses
-
-def cross_entropy(logits, targets):
-  """Per-token (CE, logsumexp) in float32: CE = logsumexp(logits) - logits[target]."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return lse - target_logit, lse
-
-
-def _params_only(params, frozen):
-  del frozen
-  return params
-
-
-def forward(model: nn.Module, params, batch, rng=None):
-  """The model's logits [batch, seq, vocab] for a packed batch (dropout when `rng` is given)."""
-  rngs = {'dropout': rng} if rng is not None else None
-  return model.apply({'params': params}, batch['inputs'], batch['positions'],
-                     batch['segment_ids'], rngs=rngs)
-
-
-def lm_sums(logits, batch, z_loss: float = 0.0):
-  """(objective sum, {'ce', 'z', 'tokens'} sums) of next-token prediction; the objective is
-  sum(mask * (CE + z_loss * logsumexp^2))."""
-  ce, lse = cross_entropy(logits, batch['targets'])
-  mask = batch['loss_mask'].astype(jnp.float32)
-  sums = {'ce': jnp.sum(ce * mask), 'z': jnp.sum(jnp.square(lse) * mask),
-          'tokens': jnp.sum(mask)}
-  objective = sums['ce'] + z_loss * sums['z'] if z_loss else sums['ce']
-  return objective, sums
-
-
-def lm_loss(model: nn.Module, *, z_loss: float = 0.0,
-            model_params: Callable[[Any, Any], Any] = _params_only,
-            chunk_size: int = 0) -> LossFn:
-  """The language-modelling LossFn; `model_params(params, frozen)` assembles the tree that
-  `model` applies (the default: the trainable params themselves).
-
-  With `chunk_size` > 0 (decoder-only models) the output head and the loss run over chunks of
-  that many positions under `jax.checkpoint` (`flaxllm.models.split.chunked_sums`): one
-  chunk's [batch, chunk, vocab] float32 logits are alive at a time instead of the whole
-  sequence's, which dominates activation memory at large vocabularies. Same sums and gradients.
-  """
-  if chunk_size:
-    return _chunked_lm_loss(model.cfg, z_loss, model_params, chunk_size)
-
-  def loss_fn(params, frozen, batch, rng=None):
-    logits = forward(model, model_params(params, frozen), batch, rng)
-    return lm_sums(logits, batch, z_loss)
-  return loss_fn
-
-
-def _chunked_lm_loss(cfg, z_loss: float, model_params, chunk_size: int) -> LossFn:
-  from flaxllm.models import split  # pylint: disable=import-outside-toplevel
-
-  def loss_fn(params, frozen, batch, rng=None):
-    tree = model_params(params, frozen)
-    hidden = split.hidden_states(cfg, tree, batch, rng)     # [batch, seq, embed]
-    head = split.head_params(cfg, tree)
-
-    def chunk_sums(h, targets, mask):                       # [batch, chunk, ...]
-      logits = split.head_logits(cfg, head, h)
-      return lm_sums(logits, {'targets': targets, 'loss_mask': mask})[1]
-
-    sums = split.chunked_sums(chunk_sums, (hidden, batch['targets'], batch['loss_mask']),
-                               chunk_size)
-    return (sums['ce'] + z_loss * sums['z'] if z_loss else sums['ce']), sums
-  return loss_fn
 
 
 def _split_micro(batch, accum_steps: int):

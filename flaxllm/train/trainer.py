@@ -2,10 +2,15 @@
 
     summary = train(config, workdir)      # config: a validated ConfigDict (flaxllm.config)
 
-Sections: 1 workdir and config, 2 tokenizer, 3 model and optimizer, 4 state (resume or init),
-5 data, 6 the loop (step, log, eval, checkpoint, preemption), 7 the end (final eval, loss curve,
-exported model). Running it again on the same workdir resumes from the newest checkpoint
-(params, optimizer, rng AND data iterator), or reports that the run is complete.
+Sections: 1 workdir and config, 2 tokenizer, 3 the objective, mesh and programs, 4 state (resume
+or init) and frozen trees, 5 data, 6 the loop (step, log, eval, checkpoint, preemption), 7 the
+end (final eval, loss curve, exports, sample). Running it again on the same workdir resumes from
+the newest checkpoint (params, optimizer, rng AND data iterator), or reports that the run is
+complete.
+
+What is trained, what stays frozen, the loss, the data layout and what is exported all come
+from the objective (`flaxllm.objectives`, built from `config.objective`); the trainer knows no
+feature by name. The run directory's layout belongs to `flaxllm.rundir`.
 """
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ import functools
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -23,161 +27,78 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from flaxllm import config as config_lib
-from flaxllm import models
-from flaxllm.data import pipeline as data_pipeline
+from flaxllm import models, parallel, rundir
 from flaxllm.data import tokenizer as tokenizer_lib
 from flaxllm.models.config import ConfigError
-from flaxllm.train import checkpoint as ckpt_lib
+from flaxllm.objectives import registry as objectives
 from flaxllm.train import metrics as metrics_lib
 from flaxllm.train import optim
 from flaxllm.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = 'config.json'
-TOKENIZER_FILE = 'tokenizer.model'
-TOKENIZER_INFO = 'tokenizer.json'
-MODEL_DIR = 'model'
-
 
 class TrainError(RuntimeError):
   """Training cannot go on; the message says why and what to do. Checkpoints are intact."""
 
 
-# ----------------------------------------------------------------------------- helpers
-
-def _write_atomic(path: str, data: bytes | str):
-  mode = 'wb' if isinstance(data, bytes) else 'w'
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, mode) as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def prepare_workdir(workdir: str) -> str:
-  """Creates `workdir` and checks that it is writable (one-sentence error otherwise)."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise TrainError(f'workdir {workdir} is not writable ({e.strerror or e}); choose a writable '
-                     '--workdir.') from e
-  return workdir
-
-
-def workdir_tokenizer(workdir: str, config, reuse: bool = True) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer: with `reuse`, the copy in `workdir` if there is one; else built from
-  `config.tokenizer` (sentencepiece models are trained on the corpus, or loaded from
-  tokenizer.model_path) and copied into `workdir` so that eval and generation use the same."""
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  info_path = os.path.join(workdir, TOKENIZER_INFO)
-  if reuse and os.path.exists(path):
-    return tokenizer_lib.SentencePieceTokenizer.load(path)
-  if reuse and os.path.exists(info_path):
-    with open(info_path) as f:
-      info = json.load(f)
-    if info.get('kind') == 'bytes':
-      return tokenizer_lib.ByteTokenizer()
-  tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer, corpus=config.data)
-  info = {'kind': config.tokenizer.kind, 'vocab_size': tokenizer.vocab_size,
-          'bos_id': tokenizer.bos_id, 'eos_id': tokenizer.eos_id, 'pad_id': tokenizer.pad_id}
-  if isinstance(tokenizer, tokenizer_lib.SentencePieceTokenizer):
-    _write_atomic(path, tokenizer.model_proto)
-    info['source'] = tokenizer.path
-    tokenizer = tokenizer_lib.SentencePieceTokenizer.load(path)
-  elif os.path.exists(path):  # a tokenizer of an earlier attempt without checkpoints
-    os.remove(path)
-  _write_atomic(info_path, json.dumps(info, indent=2) + '\n')
-  return tokenizer
-
-
-def stored_config(workdir: str):
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return config_lib.from_json(f.read())
-
-
 class Programs(NamedTuple):
-  """What a config compiles to on a mesh: the model, the optimizer and the jitted functions.
+  """What a config compiles to on a mesh: the objective, the model, the optimizer and the
+  jitted functions.
 
   Every function takes and returns arrays sharded over `mesh` by the logical-axis `rules`; the
   state is created in its shards (`jax.jit(..., out_shardings=...)`), never whole on one host.
   """
+  objective: Any             # flaxllm.objectives.base.Objective
   model_cfg: models.ModelConfig
   mesh: Any                  # jax.sharding.Mesh
-  rules: Any                 # logical-axis rules (flaxllm.parallel.rules)
+  rules: Any                 # logical-axis rules (flaxllm.parallel.axis_rules)
   tx: Any                    # optax.GradientTransformation (of the trainable tree)
   abstract_params: Any       # the model's full params: ShapeDtypeStructs with shardings
   abstract_state: Any        # TrainState of ShapeDtypeStructs with shardings (restore target)
-  abstract_base: Any         # the frozen base (fine-tuning) with shardings, or None
+  abstract_frozen: dict      # the frozen trees of `split` (e.g. a LoRA base) with shardings
   init_params: Callable      # rng -> the model's full params (random init)
-  split: Callable            # (params, rng) -> (trainable, frozen base or None); params donated
+  split: Callable            # (params, rng) -> (trainable, frozen dict); params donated
   init: Callable             # (trainable, rng) -> TrainState (trainable is donated)
   train_step: Callable       # (state, batch, frozen) -> (state, metrics); state is donated
   eval_step: Callable        # (params, batch, frozen) -> {'ce', 'tokens'}
-  model_params: Callable     # (trainable, frozen) -> the model's plain params (adapters merged)
-
-
-# Keys of the config that the programs depend on (besides config.model and the mesh).
-_PROGRAM_KEYS = ('optim', 'schedule', 'total_steps', 'z_loss', 'loss_chunk_size',
-                 'skip_nonfinite_steps', 'parallel', 'finetune', 'distill')
+  plain_params: Callable     # (trainable, frozen) -> the model's plain params (adapters merged)
 
 
 def build_programs(config, mesh=None) -> Programs:
   """The Programs of `config` on `mesh` (default: `config.mesh` over all devices); the same
-  settings in one process reuse the compiled functions (tests, notebooks and sweeps call
-  train() repeatedly)."""
-  from flaxllm import parallel  # pylint: disable=import-outside-toplevel
+  config in one process reuses the compiled functions (tests, notebooks and sweeps call
+  train() repeatedly). Everything but the mesh comes from the config itself, so nothing the
+  programs depend on can be left out of the cache key."""
   mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
-  key = json.dumps({k: config[k].to_dict() if hasattr(config[k], 'to_dict') else config[k]
-                    for k in _PROGRAM_KEYS}, sort_keys=True, default=list)
-  return _build_programs(models.ModelConfig.from_dict(config.model), key, mesh)
+  return _build_programs(config_lib.to_json(config), mesh)
 
 
 @functools.lru_cache(maxsize=8)
-def _build_programs(model_cfg: models.ModelConfig, key: str, mesh) -> Programs:
-  from flaxllm import parallel  # pylint: disable=import-outside-toplevel
-  from flaxllm.distill import hooks as distill  # pylint: disable=import-outside-toplevel
-  from flaxllm.peft import finetune  # pylint: disable=import-outside-toplevel
-  config = config_lib.ConfigDict(json.loads(key))
+def _build_programs(config_json: str, mesh) -> Programs:
+  config = config_lib.from_json(config_json)
+  objective = objectives.from_config(config)
+  model_cfg = objective.model_cfg
   rules = parallel.get_rules(config.parallel.rules)
-  model = models.build(model_cfg, deterministic=model_cfg.dropout == 0)
+  model = objective.build_model()
   specs = parallel.param_specs(model)  # logical PartitionSpec of every model param
   rng = jax.random.PRNGKey(0)
 
-  # ---- what is trained: all params, a subset, LoRA adapters (flaxllm.peft.finetune) -------
-  split, model_params = finetune.hooks(config.finetune)  # (params, rng) -> (trainable, base)
-  # ---- the loss: next-token CE, or distillation from frozen['teacher'] (flaxllm.distill) --
-  train_loss = None
-  if distill.enabled(config):
-    split, model_params, train_loss = distill.wrap(config, model_cfg, split, model_params,
-                                                   config.z_loss)
-  eval_loss = step_lib.lm_loss(model, z_loss=config.z_loss, model_params=model_params,
-                               chunk_size=config.loss_chunk_size)
-  train_loss = train_loss or eval_loss
-
-  # ---- shardings: params, trainable, frozen base and state, from the logical axis names ---
+  # ---- shardings: params, trainable, frozen trees and state, from the logical axis names --
   init_params = functools.partial(models.init_params, model)
   abstract_params, params_sh = parallel.abstract_state(init_params, mesh, rules, rng,
                                                        param_specs=specs)
-  abstract_trainable, abstract_base = jax.eval_shape(split, abstract_params, rng)
-  trainable_specs = finetune.trainable_specs(config.finetune, specs, abstract_trainable)
+  abstract_trainable, abstract_frozen = jax.eval_shape(objective.split, abstract_params, rng)
   tx = optim.make_optimizer(config, abstract_trainable)
   init = lambda trainable, rng: step_lib.init_state(trainable, tx, rng)
-  abstract, state_sh = parallel.abstract_state(init, mesh, rules, abstract_trainable, rng,
-                                               param_specs=trainable_specs)
-  base_sh = (None if abstract_base is None else
-             parallel.state_shardings(abstract_base, mesh, rules, specs))
+  abstract, state_sh = parallel.abstract_state(
+      init, mesh, rules, abstract_trainable, rng,
+      param_specs=objective.trainable_specs(specs, abstract_trainable))
+  frozen_sh = parallel.state_shardings(abstract_frozen, mesh, rules,
+                                       objective.frozen_specs(specs, abstract_frozen))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def on_mesh(fn):
@@ -188,27 +109,23 @@ def _build_programs(model_cfg: models.ModelConfig, key: str, mesh) -> Programs:
         return fn(*args)
     return wrapped
 
-  def plain_params(trainable, frozen):
-    return finetune.full_params(config.finetune, distill.student_params(trainable), frozen)
-
   train_step = step_lib.make_train_step(
-      train_loss, tx, optim.schedule_from_config(config), accum_steps=config.optim.accum_steps,
-      skip_nonfinite=config.skip_nonfinite_steps, use_dropout=model_cfg.dropout > 0)
+      objective.train_loss(model), tx, optim.schedule_from_config(config),
+      accum_steps=config.optim.accum_steps, skip_nonfinite=config.skip_nonfinite_steps,
+      use_dropout=model_cfg.dropout > 0)
   return Programs(
-      model_cfg=model_cfg, mesh=mesh, rules=rules, tx=tx,
+      objective=objective, model_cfg=model_cfg, mesh=mesh, rules=rules, tx=tx,
       abstract_params=abstract_params, abstract_state=abstract,
-      abstract_base=None if abstract_base is None else parallel.with_shardings(abstract_base,
-                                                                               base_sh),
+      abstract_frozen=parallel.with_shardings(abstract_frozen, frozen_sh),
       init_params=jax.jit(on_mesh(init_params), out_shardings=params_sh),
-      split=jax.jit(on_mesh(split), out_shardings=(state_sh.params, base_sh),
+      split=jax.jit(on_mesh(objective.split), out_shardings=(state_sh.params, frozen_sh),
                     donate_argnums=(0,)),
       init=jax.jit(on_mesh(init), out_shardings=state_sh, donate_argnums=(0,)),
       train_step=jax.jit(on_mesh(train_step), out_shardings=(state_sh, replicated),
                          donate_argnums=(0,)),
-      eval_step=jax.jit(on_mesh(step_lib.make_eval_step(eval_loss)), out_shardings=replicated),
-      # Full training: the trainable tree IS the model's (no jitted identity copying it).
-      model_params=plain_params if config.finetune.method == 'full' else
-      jax.jit(on_mesh(plain_params)))
+      eval_step=jax.jit(on_mesh(step_lib.make_eval_step(objective.eval_loss(model))),
+                        out_shardings=replicated),
+      plain_params=objective.plain_params)
 
 
 @jax.jit
@@ -216,44 +133,6 @@ def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def load_init_params(path: str, abstract_params):
-  """Params to start from (`config.init_from`): a flaxllm workdir (its newest checkpoint) or a
-  model directory of `flaxllm convert` / Hugging Face (via flaxllm.interop)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  mismatch = TrainError(f'the params in init_from={path!r} do not match config.model '
-                        '(different shapes or names); use the same model settings as that run.')
-  signature = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
-  if os.path.isdir(os.path.join(path, ckpt_lib.CHECKPOINT_DIR)):
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    manager = ocp.CheckpointManager(
-        os.path.join(path, ckpt_lib.CHECKPOINT_DIR),
-        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                       'data': ocp.JsonCheckpointHandler()})
-    with contextlib.closing(manager):
-      step = manager.latest_step()
-      if step is None:
-        raise TrainError(f'init_from={path!r} has no checkpoint; train it first or point '
-                         'init_from at another run.')
-      stored = manager.item_metadata(step)['state'].tree.get('params')
-      if stored is None or signature(stored) != signature(abstract_params):
-        raise mismatch  # checked before reading any array
-      target = {'params': abstract_params}  # only the params of that run's state
-      params = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True))).state['params']
-  else:
-    from flaxllm.interop import native  # pylint: disable=import-outside-toplevel
-    if os.path.exists(os.path.join(path, native.CONFIG_NAME)):
-      _, params = native.load_flaxllm(path)
-    else:
-      from flaxllm.interop import hf  # pylint: disable=import-outside-toplevel
-      _, params = hf.load(path)
-  if signature(params) != signature(abstract_params):
-    raise mismatch
-  return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
-                      params, abstract_params)
 
 
 class _Preemption:
@@ -274,60 +153,40 @@ class _Preemption:
     return False
 
 
-def sample_text(model_cfg, params, tokenizer, sample_cfg) -> str:
-  """The prompt followed by a completion sampled from the model (flaxllm.generate)."""
-  from flaxllm import generate as generate_lib  # pylint: disable=import-outside-toplevel
-  ids = [tokenizer.bos_id] + tokenizer.encode(sample_cfg.prompt)
-  out = generate_lib.generate(model_cfg, params, [ids], max_new_tokens=sample_cfg.max_new_tokens,
-                              temperature=sample_cfg.temperature, top_k=sample_cfg.top_k or None,
-                              stop_tokens=(tokenizer.eos_id,), seed=sample_cfg.seed,
-                              pad_id=tokenizer.pad_id)[0]
-  return sample_cfg.prompt + tokenizer.decode(out)
-
-
 # ----------------------------------------------------------------------------- the trainer
 
 def train(config, workdir: str, devices=None) -> dict:
   """Trains (or resumes) the run of `config` in `workdir` on a mesh (`config.mesh`) over
   `devices` (default: all); returns a summary dict with `step`, `complete`, `preempted`, the
-  last `val_loss` / `val_ppl` and a `sample`."""
-  from flaxllm import parallel  # pylint: disable=import-outside-toplevel
-  from flaxllm.distill import hooks as distill  # pylint: disable=import-outside-toplevel
-  from flaxllm.peft import finetune  # pylint: disable=import-outside-toplevel
+  last `val_loss` / `val_ppl` (and the objective's eval metrics) and a `sample`."""
   with contextlib.ExitStack() as closing:  # checkpoints, iterators, writers: closed on any exit
     # ---- 1. Workdir and config: a workdir with checkpoints only resumes its experiment -----
     config = config_lib.validate(config)
-    workdir = prepare_workdir(workdir)
+    workdir = rundir.prepare_workdir(workdir)
     is_main = jax.process_index() == 0
-    checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_ckpts)
+    checkpoints = rundir.Checkpoints(workdir, keep=config.keep_ckpts)
     closing.callback(checkpoints.close)  # waits for the last asynchronous save
     resuming = bool(checkpoints.steps())
-    stored = stored_config(workdir)
+    stored = config_lib.stored_config(workdir)
     if resuming and stored is not None:
       config_lib.check_resume_compatible(stored, config, workdir)
 
-    # ---- 2. Tokenizer (kept in the workdir); a teacher must share it ----------------------
-    tokenizer = workdir_tokenizer(workdir, config, reuse=resuming)
-    try:
-      tokenizer_lib.check_vocab(tokenizer, config.model.vocab_size)
-    except ValueError as e:
-      raise ConfigError(str(e)) from e
-    distill.check(config, tokenizer)
+    # ---- 2. Tokenizer (kept in the workdir) ----------------------------------------------
+    tokenizer = run_tokenizer(workdir, config, reuse=resuming)
 
-    # ---- 3. Mesh, model, optimizer, steps (every sharding checked before compiling) -------
+    # ---- 3. The objective, mesh and programs (every sharding checked before compiling) ----
     mesh = parallel.make_mesh(config.mesh, devices)
-    rows = parallel.local_batch_slice(config.batch_size, mesh, config.parallel.rules)
     programs = build_programs(config, mesh)
-    model_cfg, train_step, eval_step = programs.model_cfg, programs.train_step, programs.eval_step
+    objective = programs.objective
+    objective.check(tokenizer)
 
-    # ---- 4. State: resume or initialise; the frozen trees (fine-tuning base, teacher) ------
+    # ---- 4. State: resume or initialise; the frozen trees (base, teacher) ---------------------
     restored = checkpoints.restore_latest(programs.abstract_state) if resuming else None
-    teacher = distill.frozen_teacher(config, mesh, programs.rules)
-    trainable, base = None, None
-    if restored is None or programs.abstract_base is not None:  # the base is never saved
-      trainable, base = start_params(config, programs, teacher)
-    base_only = {} if base is None else {'base': base}
-    frozen = {**base_only, **({} if teacher is None else {'teacher': teacher})}
+    loaded = objective.load_frozen(mesh, programs.rules)
+    trainable, frozen = None, {}
+    if restored is None or programs.abstract_frozen:  # split's frozen trees are never saved
+      trainable, frozen = start_params(config, programs, loaded)
+    frozen = {**frozen, **loaded}
     if restored is not None:
       start_step, state, saved_data = restored
       if start_step < config.total_steps:
@@ -339,61 +198,51 @@ def train(config, workdir: str, devices=None) -> dict:
     else:
       start_step, saved_data = 0, None
       state = programs.init(trainable, seed_rngs(config)[1])
-    del trainable, base
+    del trainable
 
-    def model_params():
+    def plain_params():
       """The model's plain params now (adapters merged): export, samples, on-policy data."""
-      return programs.model_params(state.params, base_only)
+      return programs.plain_params(state.params, frozen)
+
+    whole = lambda tree: tree  # whole arrays on every host (PEFT export, samples, decoding)
+    if jax.process_count() > 1:
+      whole = functools.partial(multihost_utils.process_allgather, tiled=True)
 
     # ---- 5. Data: this process's rows of the global batch; the iterators resume -----------
-    n_rows = rows.stop - rows.start
-    if config.data.process_sharding == 'global':  # every process reads the whole global batch
-      shard, num_shards, load_rows = 0, 1, config.batch_size
-    else:                                          # processes holding the same rows read alike
-      shard, num_shards, load_rows = rows.start // n_rows, config.batch_size // n_rows, n_rows
-    data_kw = dict(seq_len=config.seq_len, batch_size=load_rows, process_index=shard,
-                   process_count=num_shards, seed=config.seed)
-    train_iter = data_pipeline.make_iterator(config.data, tokenizer, split='train', **data_kw)
+    feed = DataFeed(config, programs, tokenizer)
+    train_iter = feed.iterator('train')
     closing.callback(train_iter.close)
     if saved_data is not None:
-      train_iter.set_state(_data_state_of(saved_data, shard, num_shards, workdir))
-    val_iter = data_pipeline.make_iterator(config.data, tokenizer, split='validation', **data_kw)
+      train_iter.set_state(_data_state_of(saved_data, feed.shard, feed.num_shards, workdir))
+    val_iter = feed.iterator('validation')
     closing.callback(val_iter.close)
     val_start = val_iter.get_state()
-    keep = slice(rows.start, rows.stop) if load_rows != n_rows else slice(None)
-    batch_hook = distill.batch_hook(  # offline teacher logits / on-policy student samples
-        config, tokenizer, rows=rows if jax.process_count() > 1 else slice(None))
-
-    def to_mesh(host_batch, step=None):
-      """This process's rows of a loaded batch, sharded over the mesh (`step`: the 0-based
-      update the batch feeds; None for validation)."""
-      local = {k: v[keep] for k, v in host_batch.items()}
-      if batch_hook is not None and step is not None:
-        local = batch_hook(step, local, model_params)
-      return parallel.shard_batch(local, mesh, programs.rules)
+    batch_hook = objective.batch_hook(  # e.g. offline teacher logits, on-policy samples
+        tokenizer, feed.rows if jax.process_count() > 1 else slice(None))
 
     def validate() -> dict:
       """Validation metrics on the first `eval_batches` batches (the same every time)."""
       val_iter.set_state(val_start)
-      return evaluate(eval_step, state.params, frozen,
-                      (to_mesh(b) for _, b in zip(range(config.eval_batches), val_iter)))
+      result = evaluate(programs.eval_step, state.params, frozen,
+                        (feed.to_mesh(b) for _, b in zip(range(config.eval_batches), val_iter)))
+      return {**result, **objective.eval_metrics(lambda: whole(plain_params()), tokenizer)}
 
     if is_main:  # everything checked: record the experiment, rewind metrics to the state
-      _write_atomic(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
+      rundir.save_config_json(workdir, config_lib.to_json(config))
       metrics_lib.rewind_metrics(workdir, start_step)
 
     # ---- 6. The loop --------------------------------------------------------------------
     total = config.total_steps
     tokens_per_step = config.batch_size * config.seq_len
-    flops_per_step = models.flops_per_token(model_cfg, config.seq_len) * tokens_per_step
+    flops_per_step = models.flops_per_token(programs.model_cfg, config.seq_len) * tokens_per_step
     peak = config.peak_flops
     if not peak and start_step < total:
       # One device's matmul peak times the mesh's devices (CPU devices share the host's cores:
       # one measurement covers them all).
       chips = 1 if mesh.devices.flat[0].platform == 'cpu' else mesh.devices.size
-      peak = metrics_lib.measure_peak_flops(model_cfg.dtype) * chips
-      print(f'Measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({model_cfg.dtype}, {chips} '
-            'device(s)).', flush=True)
+      peak = metrics_lib.measure_peak_flops(programs.model_cfg.dtype) * chips
+      print(f'Measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({programs.model_cfg.dtype}, '
+            f'{chips} device(s)).', flush=True)
     writer = metrics_lib.MetricsWriter(workdir, config, total_steps=total,
                                        start_step=start_step, is_main=is_main,
                                        use_wandb=start_step < total)
@@ -431,13 +280,17 @@ def train(config, workdir: str, devices=None) -> dict:
         raise TrainError(f'the train state has NaN/inf values at step {step}; not saving it '
                          f'(last good checkpoint: step {last_saved}); lower optim.lr or set '
                          'skip_nonfinite_steps=True.')
-      checkpoints.save(step, state, _data_states(train_iter.get_state(), shard, num_shards))
+      checkpoints.save(step, state, _data_states(train_iter.get_state(), feed.shard,
+                                                 feed.num_shards))
       last_saved = step
 
     step = start_step
     with _Preemption() as preemption:
       while step < total and not preempted:
-        state, metrics = train_step(state, to_mesh(next(train_iter), step), frozen)
+        host_batch = feed.local(next(train_iter))
+        if batch_hook is not None:
+          host_batch = batch_hook(step, host_batch, plain_params)
+        state, metrics = programs.train_step(state, feed.shard_batch(host_batch), frozen)
         pending.append(metrics)
         step += 1
         window[1] += 1
@@ -463,44 +316,82 @@ def train(config, workdir: str, devices=None) -> dict:
             'same command to resume.', flush=True)
       return {'step': step, 'complete': False, 'preempted': True}
 
-    # ---- 7. The end: final evaluation, loss curve, exported model, sample -------------------
+    # ---- 7. The end: final evaluation, loss curve, exports, sample ---------------------------
     if not last_eval:  # a completed run started again: evaluate once more, log nothing new
       last_eval = validate()
     summary = {'step': step, 'complete': True, 'preempted': False, **last_eval}
-    exporting = start_step < total or not os.path.isdir(os.path.join(workdir, MODEL_DIR))
-    whole = lambda tree: tree  # whole arrays on every host (PEFT export, samples)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      whole = functools.partial(multihost_utils.process_allgather, tiled=True)
-    if exporting:  # every process writes its shards
-      export_model(workdir, model_cfg, model_params(), tokenizer_source=is_main)
+    if start_step < total or not rundir.has_exported_model(workdir):
+      objective.export(workdir, plain_params(), state.params, whole, is_main)
     if is_main:
       metrics_lib.plot_losses(workdir)
-    if exporting and config.finetune.method in ('lora', 'qlora'):  # + the PEFT adapter
-      adapters = whole(distill.student_params(state.params))
-      if is_main:
-        finetune.export_adapter(workdir, config.finetune, model_cfg, adapters)
-    if config.sample.max_new_tokens:
-      summary['sample'] = sample_text(model_cfg, whole(model_params()), tokenizer, config.sample)
+    sample = objective.sample(lambda: whole(plain_params()), tokenizer)
+    if sample is not None:
+      summary['sample'] = sample
     return summary
 
 
-def start_params(config, programs: Programs, teacher=None):
-  """(trainable, frozen base or None) at step 0: the params of `config.init_from`, or a random
-  init (with distill.init_every, layers copied from the `teacher`), split by the fine-tuning
-  method. The base is the same every time, so checkpoints hold only the trainable tree."""
-  from flaxllm.distill import hooks as distill  # pylint: disable=import-outside-toplevel
+def run_tokenizer(workdir: str, config, reuse: bool = True) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer (see `rundir.run_tokenizer`), checked against model.vocab_size."""
+  objective_cls = objectives.get(config.objective)
+  tokenizer = rundir.run_tokenizer(workdir, config.tokenizer,
+                                   objective_cls.tokenizer_corpus(config), reuse=reuse)
+  try:
+    tokenizer_lib.check_vocab(tokenizer, config.model.vocab_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  return tokenizer
+
+
+def start_params(config, programs: Programs, loaded: dict):
+  """(trainable, frozen) at step 0: the params of `config.init_from` or a random init, made
+  ready by the objective (`initial_params`, e.g. layers copied from a teacher in `loaded`),
+  then split. The frozen trees are the same every time, so checkpoints hold only the
+  trainable tree."""
   params_rng = seed_rngs(config)[0]
   if config.init_from:
-    params = load_init_params(config.init_from, programs.abstract_params)
+    params = rundir.load_params(config.init_from, programs.abstract_params, what='init_from')
   else:
-    params = distill.init_student(config, programs.init_params(params_rng), teacher)
-  return programs.split(params, params_rng)
+    params = programs.init_params(params_rng)
+  return programs.split(programs.objective.initial_params(params, loaded), params_rng)
 
 
 def seed_rngs(config):
   """(params_rng, state_rng) of `config.seed`: the initial params and the dropout stream."""
   return jax.random.split(jax.random.PRNGKey(config.seed))
+
+
+class DataFeed:
+  """This process's rows of the global batch, loaded by the objective's iterators and sharded
+  over the mesh.
+
+  `data.process_sharding='global'`: every process reads the whole global batch and keeps its
+  rows; 'source': processes holding different rows read different documents."""
+
+  def __init__(self, config, programs: Programs, tokenizer):
+    self.config, self.programs, self.tokenizer = config, programs, tokenizer
+    self.rows = parallel.local_batch_slice(config.batch_size, programs.mesh, programs.rules)
+    n_rows = self.rows.stop - self.rows.start
+    if config.data.process_sharding == 'global':
+      self.shard, self.num_shards, self.load_rows = 0, 1, config.batch_size
+    else:
+      self.shard, self.num_shards = self.rows.start // n_rows, config.batch_size // n_rows
+      self.load_rows = n_rows
+    self.keep = self.rows if self.load_rows != n_rows else slice(None)
+
+  def iterator(self, split: str):
+    return self.programs.objective.data_iterator(
+        self.tokenizer, split, seq_len=self.config.seq_len, batch_size=self.load_rows,
+        process_index=self.shard, process_count=self.num_shards, seed=self.config.seed)
+
+  def local(self, host_batch: dict) -> dict:
+    """This process's rows of a loaded batch."""
+    return {k: v[self.keep] for k, v in host_batch.items()}
+
+  def shard_batch(self, local_batch: dict):
+    return parallel.shard_batch(local_batch, self.programs.mesh, self.programs.rules)
+
+  def to_mesh(self, host_batch: dict):
+    return self.shard_batch(self.local(host_batch))
 
 
 def evaluate(eval_step, params, frozen, batches) -> dict:
@@ -516,12 +407,44 @@ def evaluate(eval_step, params, frozen, batches) -> dict:
           'val_tokens': int(tokens)}
 
 
+def evaluate_checkpoint(config, workdir: str, step: int | None = None,
+                        batches: int | None = None) -> dict:
+  """Validation metrics of a run's checkpoint (the newest by default), with the trainer's own
+  programs, frozen trees and data rows (`flaxllm eval`)."""
+  tokenizer = run_tokenizer(workdir, config)
+  programs = build_programs(config)
+  checkpoints = rundir.Checkpoints(workdir, keep=config.keep_ckpts)
+  try:
+    steps = checkpoints.steps()
+    if not steps:
+      raise ConfigError(f'{workdir} has no checkpoints; train first with flaxllm train '
+                        f'--workdir={workdir}.')
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise ConfigError(f'{workdir} has no checkpoint at step {step}; use one of {steps}.')
+    checkpoints.check_structure(step, programs.abstract_state)
+    state, _ = checkpoints.restore(step, programs.abstract_state)
+  finally:
+    checkpoints.close()
+  loaded = programs.objective.load_frozen(programs.mesh, programs.rules)
+  frozen = {**(start_params(config, programs, loaded)[1] if programs.abstract_frozen else {}),
+            **loaded}
+  feed = DataFeed(config, programs, tokenizer)
+  val_iter = feed.iterator('validation')
+  try:
+    result = evaluate(programs.eval_step, state.params, frozen,
+                      (feed.to_mesh(b) for _, b in zip(range(batches or config.eval_batches),
+                                                       val_iter)))
+  finally:
+    val_iter.close()
+  return {'step': step, **result}
+
+
 def _any_process(flag: bool) -> bool:
   """True on every process when `flag` is True on any (a SIGTERM reaches hosts at different
   steps; all of them must save the same step)."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
@@ -530,7 +453,6 @@ def _data_states(local_state: dict, shard: int, num_shards: int) -> dict:
   processes), so that any process can resume its shard."""
   states = {shard: local_state}
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     raw = np.frombuffer(json.dumps([shard, local_state]).encode(), np.uint8)
     size = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
     padded = np.zeros((size,), np.uint8)
@@ -551,16 +473,3 @@ def _data_state_of(saved: dict, shard: int, num_shards: int, workdir: str) -> di
         f'in {num_shards}; resume with the same processes and mesh, or (from the start) set '
         "data.process_sharding='global'.")
   return saved['states'][str(shard)]
-
-
-def export_model(workdir: str, model_cfg, params, tokenizer_source: bool = True):
-  """`<workdir>/model/`: the final params in the `flaxllm convert` layout plus the tokenizer, for
-  `flaxllm generate --model=<workdir>/model --tokenizer=<workdir>/model/tokenizer.model`.
-  Every process calls it (each writes its shards); one copies the tokenizer."""
-  from flaxllm.interop import native  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, MODEL_DIR)
-  native.save_flaxllm(model_cfg, params, path)
-  tok = os.path.join(workdir, TOKENIZER_FILE)
-  if tokenizer_source and os.path.exists(tok):
-    with open(tok, 'rb') as f:
-      _write_atomic(os.path.join(path, TOKENIZER_FILE), f.read())

@@ -26,7 +26,10 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from flaxllm import models
+from flaxllm.data import pipeline
 from flaxllm.models.config import ConfigError
+from flaxllm.objectives.distill import divergences
 
 META = 'meta.json'
 VALUES = 'values.npy'
@@ -47,9 +50,6 @@ def write_topk(config, tokenizer, teacher_cfg, teacher_params, out_dir: str, *, 
                steps: Optional[int] = None, log_every: int = 20) -> dict:
   """Runs the teacher over the first `steps` (default: config.total_steps) train batches of
   `config` and writes their top-k logits to `out_dir`; returns meta."""
-  from flaxllm import models  # pylint: disable=import-outside-toplevel
-  from flaxllm.data import pipeline  # pylint: disable=import-outside-toplevel
-  from flaxllm.distill import losses  # pylint: disable=import-outside-toplevel
   if not 0 < top_k <= teacher_cfg.vocab_size:
     raise ConfigError(f'--top-k={top_k} must be between 1 and the vocabulary size '
                       f'{teacher_cfg.vocab_size}.')
@@ -61,7 +61,7 @@ def write_topk(config, tokenizer, teacher_cfg, teacher_params, out_dir: str, *, 
   def topk(params, batch):
     logits = model.apply({'params': params}, batch['inputs'], batch['positions'],
                          batch['segment_ids'])
-    return losses.top_k_logits(logits, top_k)
+    return divergences.top_k_logits(logits, top_k)
 
   shape = (steps, config.batch_size, config.seq_len, top_k)
   values = np.lib.format.open_memmap(os.path.join(out_dir, VALUES + '.tmp'), 'w+', np.float16,

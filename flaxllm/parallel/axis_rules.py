@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence, Union
 import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
 
 LOGICAL_AXES = ('batch', 'length', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'vocab',
                 'layers')
@@ -48,6 +49,17 @@ _FIX = {'heads': 'model.num_heads', 'kv_heads': 'model.num_kv_heads', 'mlp': 'mo
 
 class ShardingError(ValueError):
   """Sharding that cannot work; the message names the array, the axis and the fix."""
+
+
+def config_section() -> ConfigDict:
+  """`config.parallel`: which logical-axis rules map the model onto the mesh."""
+  return ConfigDict({'rules': 'fsdp'})   # a preset of PRESETS: 'fsdp' | 'dp' | 'fsdp_tp'
+
+
+def check_section(section) -> None:
+  if section.rules not in PRESETS:
+    raise ShardingError(f'parallel.rules={section.rules!r} is not a rule preset; choose one of '
+                        f'{sorted(PRESETS)}.')
 
 
 def get_rules(rules: Union[str, Sequence, None] = None) -> Rules:
@@ -218,7 +230,7 @@ def check_batch(batch_size: int, mesh: Mesh, rules=None) -> None:
                         f'{jax.process_count()}.')
 
 
-def axis_rules(rules=None):
+def rules_context(rules=None):
   """Context manager activating `rules` for `nn.with_logical_constraint` on activations."""
   return nn.logical_axis_rules(get_rules(rules))
 

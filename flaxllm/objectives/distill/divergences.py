@@ -39,6 +39,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from flaxllm.models.losses import cross_entropy
+
 DIVERGENCES = ('forward_kl', 'reverse_kl', 'jsd')
 
 
@@ -118,7 +120,6 @@ def token_sums(student_logits, targets, mask, *, teacher_logits=None, teacher_to
   [b, s, k]. kd = T^2 * divergence per token. `ce_weight` [b, s] (default: 1) weighs the CE
   that is trained on ('ce_train'); 'ce' stays the plain CE sum (the reported loss).
   """
-  from flaxllm.train.step import cross_entropy  # pylint: disable=import-outside-toplevel
   mask = mask.astype(jnp.float32)
   ce, lse = cross_entropy(student_logits, targets)
   if teacher_topk is None and top_k:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxllm import generate as generate_lib
+from flaxllm.data import corpus
 
 
 def _prompt_lengths(batch, prompt_len: int) -> np.ndarray:
@@ -118,7 +119,6 @@ def write_sequence_data(teacher_cfg, teacher_params, tokenizer, prompts: list[li
 
 def document_prompts(config, tokenizer, num: int, prompt_len: int) -> list[list[int]]:
   """BOS + the first `prompt_len` tokens of `num` training documents (the seed prompts)."""
-  from flaxllm.data import corpus  # pylint: disable=import-outside-toplevel
   prompts = []
   for text in corpus.iter_texts(config.data, 'train'):
     ids = tokenizer.encode(text[:20 * prompt_len])[:prompt_len]
