@@ -51,14 +51,17 @@ def config_section():
   The one source of these defaults: readers fill missing keys from it (``data_get``)."""
   c = ConfigDict()
   c.source = "stdlib"        # one of pipeline.SOURCES: 'stdlib' (embedded default) | 'text'
-  #                            (data.path) | 'tfds' (data.name) | 'jsonl' (instruction records)
+  #                            (data.path) | 'tfds' (data.name) | 'jsonl' (records: instructions,
+  #                            chats, pairs) | 'stdlib_pairs' (a built-in pair task, data.name)
   c.path = ""                # text / jsonl: a file, directory or glob
   c.glob = config_dict.placeholder(str)
-  c.name = ""                # tfds: dataset name, e.g. 'lm1b'
+  c.name = ""                # tfds: dataset name, e.g. 'lm1b'; stdlib_pairs: the task
   c.data_dir = config_dict.placeholder(str)
   c.train_split = "train"    # tfds split names
   c.validation_split = "validation"
   c.text_key = "text"
+  c.source_key = "source"    # pairs (objective='seq2seq', jsonl): the source and target fields
+  c.target_key = "target"
   c.format = "text"          # how a record becomes a document (pipeline.DOCUMENT_FORMATS)
   c.template = ""            # alpaca/chat prompt template ('' = the format's default)
   c.val_fraction = 0.02      # stdlib/text/jsonl: share of files (records) held out for validation
@@ -75,14 +78,6 @@ def config_section():
   # data, hence the same losses, on any number of processes).
   c.process_sharding = "source"
   return c
-
-
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-  """Reads ``key`` from a dict, ``ml_collections.ConfigDict`` or plain object."""
-  if cfg is None:
-    return default
-  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-  return default if value is None else value
 
 
 def data_get(cfg: Any, key: str) -> Any:
@@ -380,7 +375,8 @@ def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "corpus"
 
 
-def _fingerprint(root: str, rels: Sequence[str], settings: Mapping[str, Any]) -> str:
+def fingerprint(root: str, rels: Sequence[str], settings: Mapping[str, Any]) -> str:
+  """A cache key of files under ``root`` (paths, sizes, mtimes) and ``settings``."""
   h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
   h.update(FlaxllmText.VERSION.__str__().encode())
   for rel in rels:
@@ -454,7 +450,7 @@ def build_text_corpus(
       max_files=int(max_files) if max_files else None,
       max_bytes=int(max_bytes) if max_bytes else None,
   )
-  config_name = f"{_slug(name or os.path.basename(root.rstrip('/')))}_{_fingerprint(root, rels, settings)}"
+  config_name = f"{_slug(name or os.path.basename(root.rstrip('/')))}_{fingerprint(root, rels, settings)}"
   config = TextCorpusConfig(
       name=config_name,
       description=f"Text files under {root}",

@@ -66,7 +66,8 @@ class InstructionDataError(ValueError):
 # ----------------------------------------------------------------------------- rendering
 
 
-def _text(record: Mapping[str, Any], key: str) -> str:
+def text_field(record: Mapping[str, Any], key: str) -> str:
+  """``record[key]`` as text ('' when missing or None)."""
   value = record.get(key, "")
   return "" if value is None else str(value)
 
@@ -78,7 +79,7 @@ def alpaca_prompt(record: Mapping[str, Any], template: str = "") -> str:
     raise InstructionDataError("an Alpaca record needs 'instruction' and 'output' (and an "
                                f"optional 'input') but has {keys}; fix the data or use "
                                "data.format='chat'.")
-  fields = {"instruction": _text(record, "instruction"), "input": _text(record, "input")}
+  fields = {"instruction": text_field(record, "instruction"), "input": text_field(record, "input")}
   if not template:
     template = ALPACA_PROMPT if fields["input"].strip() else ALPACA_PROMPT_NO_INPUT
   try:
@@ -98,7 +99,7 @@ def alpaca_document(tokenizer, record: Any,
   del text_key
   record = _as_record(record)
   prompt = _encode(tokenizer, alpaca_prompt(record, template))
-  response = _encode(tokenizer, _text(record, "output")) + [tokenizer.eos_id]
+  response = _encode(tokenizer, text_field(record, "output")) + [tokenizer.eos_id]
   tokens = [tokenizer.bos_id, *prompt, *response]
   mask = [0.0] * (1 + len(prompt)) + [1.0] * len(response)
   return {"tokens": np.asarray(tokens, np.int32), "loss_mask": np.asarray(mask, np.float32)}
@@ -129,7 +130,7 @@ def chat_document(tokenizer, record: Any,
       raise InstructionDataError(f"chat message role {role!r} is not one of {ROLES}; fix the data.")
     names = {"role": role, "Role": role.capitalize()}
     before = _encode(tokenizer, head.format(**names))
-    content = _encode(tokenizer, _text(m, "content"))
+    content = _encode(tokenizer, text_field(m, "content"))
     after = _encode(tokenizer, tail.format(**names))
     trained = role == "assistant"
     tokens += before
@@ -165,7 +166,9 @@ FORMATS = {"alpaca": alpaca_document, "chat": chat_document}
 # ----------------------------------------------------------------------------- source
 
 
-def _files(path: str, pattern: str | None = None) -> list[str]:
+def record_files(path: str, pattern: str | None = None) -> list[str]:
+  """The JSON / JSON Lines files of ``path`` (a file, a directory searched with ``pattern``, or
+  a glob), sorted."""
   if os.path.isdir(path):
     found = sorted(glob.glob(os.path.join(path, pattern or "**/*.json*"), recursive=True))
   else:
@@ -180,7 +183,7 @@ def _files(path: str, pattern: str | None = None) -> list[str]:
 def read_records(path: str, pattern: str | None = None) -> list[dict]:
   """Every record of the JSON (a list of objects) or JSON Lines files at ``path``."""
   records = []
-  for f in _files(path, pattern):
+  for f in record_files(path, pattern):
     with open(f, encoding="utf-8") as fh:
       text = fh.read()
     stripped = text.lstrip()

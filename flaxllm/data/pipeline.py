@@ -32,6 +32,7 @@ import numpy as np
 
 from flaxllm.data import corpus as corpus_lib
 from flaxllm.data import instruct as instruct_lib
+from flaxllm.data import tasks as tasks_lib
 from flaxllm.data.corpus import data_get
 from flaxllm.data.tokenizer import Tokenizer
 from flaxllm.models.config import ConfigError
@@ -81,6 +82,7 @@ SOURCES = {
     "text": corpus_lib.open_split,     # local text files (data.path)
     "tfds": corpus_lib.open_split,     # a prepared TFDS dataset (data.name, data.data_dir)
     "jsonl": instruct_lib.open_split,  # JSON/JSONL records (instructions, chats, pairs)
+    "stdlib_pairs": tasks_lib.open_split,  # a built-in pair task (data.name), flaxllm.data.tasks
 }
 PACKING = ("concat", "first_fit")
 PROCESS_SHARDING = ("source", "global")
@@ -109,6 +111,8 @@ def check_section(data: Any, tokenizer: Any) -> None:
             "instruction data needs the base model's tokenizer; set --config.tokenizer.model_path=<base workdir>/tokenizer.model.")
   if data.source == "tfds":
     require(bool(data.name), "data.source='tfds' needs data.name; set e.g. --config.data.name=lm1b.")
+  if data.source == "stdlib_pairs":
+    require(data.name in tasks_lib.TASKS, f"data.source='stdlib_pairs' needs data.name, one of {sorted(tasks_lib.TASKS)}; set e.g. --config.data.name=snake_to_camel.")
   require(data.format in DOCUMENT_FORMATS, f"data.format={data.format!r} is not known; choose one of {sorted(DOCUMENT_FORMATS)}.")
   require(data.packing in PACKING, f"data.packing={data.packing!r} is not known; use one of {PACKING}.")
   require(0.0 <= data.val_fraction < 1.0, f"data.val_fraction={data.val_fraction} must be in [0, 1); use e.g. 0.02.")
@@ -199,7 +203,7 @@ def pack_documents(docs, seq_len: int, **kwargs) -> grain.IterDataset:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PadBatch(grain.transforms.Map):
+class PadBatch(grain.transforms.Map):
   """Pads a final partial batch with empty rows (segment_ids 0, loss_mask 0)."""
 
   batch_size: int
@@ -362,7 +366,7 @@ def make_iterator(
   window = int(data_get(data_config, "shuffle_window")) if shuffle else 0
   if window > 1:  # rows of one long document would otherwise fill whole batches
     it_ds = grain.experimental.WindowShuffleIterDataset(it_ds, window_size=window, seed=seed)
-  it_ds = it_ds.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size, pad_id))
+  it_ds = it_ds.batch(batch_size, drop_remainder=False).map(PadBatch(batch_size, pad_id))
   fingerprint = dict(
       data=identity,
       split=split,
