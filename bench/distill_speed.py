@@ -25,7 +25,8 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 from flaxllm import models  # noqa: E402
-from flaxllm.distill import loss as loss_lib  # noqa: E402
+from flaxllm.objectives import lm  # noqa: E402
+from flaxllm.objectives.distill import objective as loss_lib  # noqa: E402
 from flaxllm.parallel import aot  # noqa: E402
 from flaxllm.train import step as step_lib  # noqa: E402
 
@@ -55,7 +56,7 @@ def _step(kind, s_cfg, t_cfg, chunk=0, k=0):
   """(jitted train step, uses teacher) for 'plain' | 'distill' | 'offline'."""
   tx = optax.adamw(1e-3)
   if kind == 'plain':
-    loss_fn = step_lib.lm_loss(models.build(s_cfg))
+    loss_fn = lm.lm_loss(models.build(s_cfg))
   else:
     st = loss_lib.Settings(alpha=0.5, temperature=2.0, chunk_size=chunk, top_k=0,
                            offline=kind == 'offline')

@@ -6,7 +6,7 @@ LoRA and QLoRA for Llama 3.2 1B and Llama 3 8B, from XLA's compiled memory analy
 writes bench/results/lora_memory_cpu_<dtype>.{json,md}.
 
 Each variant is `flaxllm compile` of `configs/pretrain.py:size=<model>` with
-`finetune.method=<method>` (`flaxllm.parallel.aot.compile_train_step`: the trainer's own step)
+`finetune.method=<method>` (`flaxllm.train.compile.compile_train_step`: the trainer's own step)
 for one device (the host CPU compiler: the same program, CPU buffer assignment), with
   model     scan_layers, remat='full', weights and compute in --dtype (bfloat16 or float32);
   optimizer the recipe's AdamW (weight decay mask, z-loss; state in the trainable params'
@@ -62,22 +62,22 @@ def compile_variant(model_name: str, method: str, *, batch: int, seq: int, rank:
                     dtype: str = 'bfloat16'):
   import jax
   from flaxllm import models, parallel
-  from flaxllm.parallel import aot
+  from flaxllm.train import compile as compile_lib
   from flaxllm.train import trainer
 
   config = variant_config(model_name, method, batch=batch, seq=seq, rank=rank, dtype=dtype)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   t0 = time.perf_counter()
-  report = aot.compile_train_step(config, mesh, target='cpu (1 device)')
+  report = compile_lib.compile_train_step(config, mesh, target='cpu (1 device)')
   programs = trainer.build_programs(config, mesh)  # cached: the programs just compiled
-  state, base = programs.abstract_state, programs.abstract_base
+  state, frozen = programs.abstract_state, programs.abstract_frozen
   return {
       'model': model_name, 'method': method,
       'params': models.param_count(models.ModelConfig.from_dict(config.model))['total'],
       'trainable': sum(x.size for x in jax.tree.leaves(state.params)),
       'trainable_bytes': _bytes(state.params),
       'optimizer_state_bytes': _bytes(state.opt_state),
-      'frozen_bytes': 0 if base is None else _bytes(base),
+      'frozen_bytes': _bytes(frozen),
       'argument_bytes': report.argument_bytes, 'output_bytes': report.output_bytes,
       'alias_bytes': report.alias_bytes, 'temp_bytes': report.temp_bytes,
       'total_bytes': report.total_bytes, 'compile_s': round(time.perf_counter() - t0, 1),

@@ -56,10 +56,10 @@ def main(argv=None):
         f'--config.finetune.alpha={2.0 * args.rank}'])
     programs = trainer.build_programs(config, parallel.make_mesh(config.mesh, jax.devices()[:1]))
     key = jax.random.PRNGKey(0)  # the same base weights for every method
-    trainable, base = programs.split(programs.init_params(key), key)
+    trainable, frozen = programs.split(programs.init_params(key), key)
     count = int(sum(x.size for x in jax.tree.leaves(trainable)))
     runs[method] = {'step': programs.train_step, 'state': programs.init(trainable, key),
-                    'frozen': {} if base is None else {'base': base}, 'times': [], 'loss': [],
+                    'frozen': frozen, 'times': [], 'loss': [],
                     'trainable': count}
 
   def run(method):

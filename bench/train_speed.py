@@ -60,7 +60,7 @@ def main(argv=None):
   from flaxllm import config as config_lib
   from flaxllm import models
   from flaxllm.train import metrics as metrics_lib
-  from flaxllm.train import step as step_lib
+  from flaxllm.objectives import lm
   from flaxllm.train import trainer
   import model_speed  # bench/model_speed.py: the torch twin of a flaxllm LLaMA, machine info
 
@@ -114,11 +114,11 @@ def main(argv=None):
     losses['torch'].append(float(loss.detach()))
 
   # The forward pass alone (loss, no gradients), to tell forward and backward apart.
-  flax_loss = jax.jit(lambda p, b: step_lib.lm_loss(programs_model)(p, {}, b)[0])
+  flax_loss = jax.jit(lambda p, b: lm.lm_loss(programs_model)(p, {}, b)[0])
 
   def flax_forward():
     for _ in range(args.steps):
-      out = flax_loss(holder['state'].params, jbatch)
+      out = flax_loss(holder['state'].params['model'], jbatch)
     float(out)
 
   def torch_forward():

@@ -57,8 +57,9 @@ MODEL_KEY = 'model'   # the model's part of a train state's (objective-namespace
 KINDS = ('workdir', 'flaxllm_model', 'hf')
 
 
-class RunDirError(ValueError):
-  """A run or model directory that cannot be used; the message names it and the fix."""
+class RunDirError(ConfigError):
+  """A run or model directory that cannot be used; the message names the setting that points
+  at it and the fix."""
 
 
 def write_atomic(path: str, data: bytes | str):
@@ -161,15 +162,16 @@ def tokenizer_fingerprint(path: str) -> Optional[tuple]:
 
 
 def export_model(workdir: str, model_cfg, params, tokenizer_source: bool = True) -> str:
-  """`<workdir>/model/`: the final params in the `flaxllm convert` layout plus the tokenizer, for
-  `flaxllm generate --model=<workdir>/model`. Every process calls it (each writes its shards);
-  the one with `tokenizer_source` copies the tokenizer."""
+  """`<workdir>/model/`: the final params in the `flaxllm convert` layout plus the tokenizer
+  files, for `flaxllm generate --model=<workdir>/model`. Every process calls it (each writes
+  its shards); the one with `tokenizer_source` copies the tokenizer."""
   path = os.path.join(workdir, MODEL_DIR)
   native.save_flaxllm(model_cfg, params, path)
-  tok = os.path.join(workdir, TOKENIZER_FILE)
-  if tokenizer_source and os.path.exists(tok):
-    with open(tok, 'rb') as f:
-      write_atomic(os.path.join(path, TOKENIZER_FILE), f.read())
+  for name in (TOKENIZER_FILE, TOKENIZER_INFO):
+    src = os.path.join(workdir, name)
+    if tokenizer_source and os.path.exists(src):
+      with open(src, 'rb') as f:
+        write_atomic(os.path.join(path, name), f.read())
   return path
 
 

@@ -86,7 +86,7 @@ def test_overrides_use_the_types_of_the_defaults():
     ('model.mlp_activation=tanh', r"model\.mlp_activation='tanh' is not supported"),
     ('model.arch=encoder_decoder', r"model\.arch='encoder_decoder' uses absolute positions"),
     ('data.source=web', r"data\.source='web' is not known; choose one of \('stdlib', 'text', "
-                        r"'tfds', 'jsonl'\)\."),
+                        r"'tfds', 'jsonl', 'stdlib_pairs'\)\."),
     ('data.source=text', r"data\.source='text' needs data\.path; set "
                          r'--config\.data\.path=/path/to/text/files\.'),
     ('data.packing=greedy', r"data\.packing='greedy' is not known; use 'concat' or 'first_fit'\."),

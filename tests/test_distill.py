@@ -12,10 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from flaxllm import models
-from flaxllm.distill import losses
-from flaxllm.distill import loss as loss_lib
-from flaxllm.distill import teacher as teacher_lib
+from flaxllm import models, rundir
+from flaxllm.objectives.distill import divergences as losses
+from flaxllm.objectives.distill import objective as loss_lib
+from flaxllm.objectives.distill import teacher as teacher_lib
 from flaxllm.models import split as model_lib
 from flaxllm.models.config import ConfigError
 from flaxllm.train import step as step_lib
@@ -245,11 +245,11 @@ def test_hidden_state_loss_with_learned_projection():
   s_cfg, t_cfg = _cfg(**S_CFG), _cfg(**T_CFG)
   sp, tp, batch = _params(s_cfg, 0), _params(t_cfg, 1), _batch()
   proj = loss_lib.init_projection(jax.random.key(2), 32, 48)
-  params = {**sp, loss_lib.PROJ_KEY: proj}
+  params = {'model': sp, loss_lib.PROJ_KEY: proj}   # the objective's namespaced trainable tree
   for kind in ('cosine', 'mse'):
     st = loss_lib.Settings(alpha=0.5, hidden_loss=kind, hidden_weight=1.0)
-    grads, sums = jax.jit(jax.grad(loss_lib.distill_loss(s_cfg, t_cfg, st), has_aux=True))(
-        params, {'teacher': tp}, batch)
+    loss_fn = loss_lib.distill_loss(s_cfg, t_cfg, st, model_params=lambda p, f: p['model'])
+    grads, sums = jax.jit(jax.grad(loss_fn, has_aux=True))(params, {'teacher': tp}, batch)
     hs = np.asarray(model_lib.hidden_states(s_cfg, sp, batch)) @ np.asarray(proj['kernel'])
     ht = np.asarray(model_lib.hidden_states(t_cfg, tp, batch))
     if kind == 'cosine':
@@ -275,21 +275,21 @@ def test_bad_teachers_are_refused_in_one_sentence(tmp_path):
   from flaxllm.data import tokenizer as tok_lib
   student = _cfg(**S_CFG)
   with pytest.raises(ConfigError, match='does not exist'):
-    teacher_lib.resolve_teacher(str(tmp_path / 'nope'))
+    rundir.model_source(str(tmp_path / 'nope'))
   empty = _fake_workdir(tmp_path / 'empty', _cfg(**T_CFG), checkpoint=False)
   with pytest.raises(ConfigError, match='has no checkpoint'):
-    teacher_lib.resolve_teacher(empty)
+    rundir.model_source(empty)
   # Different vocabularies (as Qwen2.5-0.5B's 151936 vs 7B's 152064).
-  big = teacher_lib.resolve_teacher(_fake_workdir(tmp_path / 'big', _cfg(**{**T_CFG, 'vocab_size': 80})))
+  big = rundir.model_source(_fake_workdir(tmp_path / 'big', _cfg(**{**T_CFG, 'vocab_size': 80})))
   with pytest.raises(ConfigError, match='vocab_size 80 but the student has 64'):
     teacher_lib.check_teacher(big, student)
-  good = teacher_lib.resolve_teacher(_fake_workdir(tmp_path / 'good', _cfg(**T_CFG)))
+  good = rundir.model_source(_fake_workdir(tmp_path / 'good', _cfg(**T_CFG)))
   teacher_lib.check_teacher(good, student, tok_lib.ByteTokenizer())   # fine
   with pytest.raises(ConfigError, match='top_k=65 is larger than the vocabulary'):
     teacher_lib.check_teacher(good, student, top_k=65)
   # Same size, different tokenizer.
-  spm_teacher = teacher_lib.TeacherSource(good.path, 'workdir', good.model_cfg,
-                                          ('sentencepiece', 'abc'))
+  spm_teacher = rundir.ModelSource(good.path, 'workdir', good.model_cfg,
+                                   ('sentencepiece', 'abc'))
   with pytest.raises(ConfigError, match="tokenizer .* differs from the teacher's"):
     teacher_lib.check_teacher(spm_teacher, student, tok_lib.ByteTokenizer())
 
@@ -301,12 +301,12 @@ def test_hf_and_model_dir_teachers_load_their_params(tmp_path):
   hf.save(t_cfg, params, str(tmp_path / 'hf'))
   native.save_flaxllm(t_cfg, params, str(tmp_path / 'native'))
   for path, kind in ((tmp_path / 'hf', 'hf'), (tmp_path / 'native', 'flaxllm_model')):
-    source = teacher_lib.resolve_teacher(str(path))
+    source = rundir.model_source(str(path))
     assert source.kind == kind and source.model_cfg.d_model == 48
     teacher_lib.check_teacher(source, _cfg(**{**S_CFG, 'mlp_activation': 'swiglu'}))
     with pytest.raises(ConfigError, match='vocab_size 64 but the student has 65'):
       teacher_lib.check_teacher(source, _cfg(**{**S_CFG, 'vocab_size': 65}))
-    loaded = teacher_lib.load_teacher_params(source)
+    loaded = rundir.load_params(source.path)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6), loaded,
                  params)
 
@@ -346,7 +346,7 @@ def test_offline_top_k_loss_equals_live_top_k_teacher():
 def test_offline_logits_written_once_and_read_aligned(tmp_path):
   from flaxllm import config as config_lib
   from flaxllm.data import tokenizer as tok_lib
-  from flaxllm.distill import offline
+  from flaxllm.objectives.distill import offline
   config = config_lib.load_config('configs/default.py:size=tiny', [
       '--config.total_steps=2', '--config.data.max_files=8'])
   t_cfg = models.ModelConfig.from_dict(config.model)
@@ -375,7 +375,7 @@ def test_offline_logits_written_once_and_read_aligned(tmp_path):
 
 
 def test_on_policy_batches_are_student_samples_scored_without_ce():
-  from flaxllm.distill import onpolicy
+  from flaxllm.objectives.distill import onpolicy
   cfg = _cfg(**S_CFG)
   params, batch = _params(cfg), _batch(seq=12)
   policy = onpolicy.OnPolicy(cfg, 0.5, seed=0, prompt_len=4, temperature=1.0)
@@ -405,7 +405,6 @@ def tiny_teacher(tmp_path_factory):
   """A workdir as the trainer leaves it (config.json, tokenizer.json, a checkpoint) holding
   random params of the tiny config: a teacher without training one."""
   from flaxllm import config as config_lib
-  from flaxllm.train import checkpoint as ckpt_lib
   workdir = str(tmp_path_factory.mktemp('teacher'))
   config = config_lib.load_config('configs/default.py:size=tiny')
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -413,8 +412,8 @@ def tiny_teacher(tmp_path_factory):
   with open(os.path.join(workdir, 'tokenizer.json'), 'w') as f:
     json.dump({'kind': 'bytes'}, f)
   params = jax.tree.map(jnp.asarray, _init(models.ModelConfig.from_dict(config.model), 7))
-  state = step_lib.init_state(params, optax.sgd(0.1), jax.random.key(0))
-  checkpoints = ckpt_lib.Checkpoints(workdir)
+  state = step_lib.init_state({'model': params}, optax.sgd(0.1), jax.random.key(0))
+  checkpoints = rundir.Checkpoints(workdir)
   checkpoints.save(3, state, {})
   checkpoints.close()
   return workdir
@@ -424,20 +423,19 @@ def _student_config(teacher, *overrides):
   from flaxllm import config as config_lib
   return config_lib.load_config('configs/default.py:size=tiny,steps=3', [
       '--config.sample.max_new_tokens=0', '--config.eval_every=0', '--config.batch_size=8',
-      '--config.model.d_model=16',
+      '--config.model.d_model=16', '--config.objective=distill',
       f'--config.distill.teacher={teacher}', '--config.distill.chunk_size=8', *overrides])
 
 
 def test_trainer_distills_with_frozen_teacher(tiny_teacher, tmp_path):
   from flaxllm.train import trainer
-  source = teacher_lib.resolve_teacher(tiny_teacher)
-  before = jax.tree.map(np.array, teacher_lib.load_teacher_params(source))
+  before = jax.tree.map(np.array, rundir.load_params(tiny_teacher))
   summary = trainer.train(_student_config(tiny_teacher, '--config.distill.alpha=0.7'),
                           str(tmp_path / 'student'), devices=jax.devices()[:2])
   assert summary['complete'] and np.isfinite(summary['val_loss'])
   rows = [json.loads(x) for x in open(tmp_path / 'student' / 'metrics.jsonl')]
   assert all(np.isfinite(r['kd']) for r in rows if 'loss' in r)
-  after = teacher_lib.load_teacher_params(source)
+  after = rundir.load_params(tiny_teacher)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, after), before)
 
 
@@ -445,7 +443,7 @@ def test_trainer_on_policy_and_offline_batches(tiny_teacher, tmp_path):
   """The trainer's batch hook: on-policy (GKD) student batches and stored top-k teacher logits
   both reach the jitted step through the mesh (ce_weight [batch], teacher_* [batch, seq, k])."""
   from flaxllm.data import tokenizer as tok_lib
-  from flaxllm.distill import offline, onpolicy
+  from flaxllm.objectives.distill import offline, onpolicy
   from flaxllm.train import trainer
   summary = trainer.train(_student_config(tiny_teacher, '--config.distill.on_policy=0.5'),
                           str(tmp_path / 'gkd'))
@@ -453,7 +451,7 @@ def test_trainer_on_policy_and_offline_batches(tiny_teacher, tmp_path):
   assert summary['complete'] and all(np.isfinite(r['kd']) for r in rows if 'loss' in r)
   policy = onpolicy.OnPolicy(None, 0.5, seed=0, prompt_len=4, temperature=1.0)
   assert any(policy.chooses(t) for t in range(3))  # a student batch was among the 3 steps
-  config = _student_config('', '--config.distill.teacher=')
+  config = _student_config(tiny_teacher)   # the student's data settings, as the offline one
   t_cfg = models.ModelConfig.from_dict(config.model)
   offline.write_topk(config, tok_lib.ByteTokenizer(), t_cfg, _params(t_cfg, 3),
                      str(tmp_path / 'top'), top_k=4, log_every=0)
@@ -483,7 +481,7 @@ def test_trainer_refuses_bad_teachers_before_compiling(tiny_teacher, tmp_path):
 def test_sequence_level_data_is_teacher_text_files(tmp_path):
   from flaxllm import config as config_lib
   from flaxllm.data import tokenizer as tok_lib
-  from flaxllm.distill import onpolicy
+  from flaxllm.objectives.distill import onpolicy
   config = config_lib.load_config('configs/default.py:size=tiny')
   tok = tok_lib.ByteTokenizer()
   prompts = onpolicy.document_prompts(config, tok, 3, prompt_len=5)

@@ -291,10 +291,16 @@ def test_generate_main_flaxllm_directory_sentencepiece(llama, capsys, tmp_path):
   assert record['text'] == sp.decode(record['ids'])
 
 
-def test_generate_main_needs_a_prompt(capsys):
+def test_generate_main_needs_a_prompt(llama, capsys, tmp_path):
+  from flaxllm.interop import native
+  cfg, _, params = llama
+  native.save_flaxllm(cfg, params, str(tmp_path / 'model'))   # a model dir without tokenizer
   with pytest.raises(SystemExit):
-    G.generate_main(['--model', 'x', '--prompt', 'hello'])       # text without a tokenizer
+    G.generate_main(['--model', str(tmp_path / 'model'), '--prompt', 'hello'])
   assert '--tokenizer' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    G.generate_main(['--model', str(tmp_path / 'nothing'), '--prompt-ids', '1,2'])
+  assert f"--model='{tmp_path / 'nothing'}' does not exist" in capsys.readouterr().err
 
 
 def test_learned_positions_bound():

@@ -441,7 +441,7 @@ def test_preset_config_and_tensor_names_match_transformers(preset):
   with torch.device('meta'):
     model = transformers.AutoModelForCausalLM.from_config(tcfg)
   family = 'gpt2' if preset == 'gpt2' else 'llama'
-  ours = {n: s for g in hf._groups_for(family, cfg) for n, s in zip(g.hf, g.hf_shapes)}
+  ours = {n: s for g in hf.tensor_groups(family, cfg) for n, s in zip(g.hf, g.hf_shapes)}
   theirs = {n: tuple(t.shape) for n, t in model.state_dict().items()
             if not (cfg.tie_embeddings and n == 'lm_head.weight')}
   assert ours == theirs

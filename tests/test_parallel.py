@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from flaxllm import models, parallel
 from flaxllm.parallel import aot, distributed, axis_rules as rules_lib
+from flaxllm.train import compile as compile_lib
 from flaxllm.parallel.mesh import MeshError, mesh_shape
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -280,10 +281,10 @@ def run_222(tmp_path_factory):
 
 def _check_sharded_state(programs, preset):
   state, mesh = programs.abstract_state, programs.mesh
-  q = state.params['decoder']['layers_0']['attn']['q_proj']['kernel']
+  q = state.params['model']['decoder']['layers_0']['attn']['q_proj']['kernel']
   mus = [x for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, 'mu'))
          if hasattr(x, 'mu')]
-  mu = mus[0].mu['decoder']['layers_0']['attn']['q_proj']['kernel']
+  mu = mus[0].mu['model']['decoder']['layers_0']['attn']['q_proj']['kernel']
   expected = rules_lib.logical_to_mesh_spec(('embed', 'heads', 'head_dim'), preset)
   assert q.sharding.spec == expected and mu.sharding.spec == expected
   assert state.step.sharding.spec == P()
@@ -314,12 +315,12 @@ def test_step_shards_activations():
   (('data', 'fsdp'), -, 'tensor')."""
   import jax.numpy as jnp
   from flaxllm import config as config_lib
-  from flaxllm.train import step as step_lib
   from flaxllm.train import trainer
   config = config_lib.load_config(TRAIN_SPEC, TRAIN + _mesh_flags(*MESHES[2]))
   programs = trainer.build_programs(config, parallel.make_mesh(config.mesh))
   sh = parallel.batch_sharding(programs.mesh, 'fsdp_tp')
-  batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=sh) for k in step_lib.BATCH_KEYS}
+  batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=sh)
+           for k in programs.objective.batch_shapes(8, 16)}
   text = programs.train_step.lower(programs.abstract_state, batch, {}).as_text()
   constraints = [l for l in text.splitlines() if 'sharding_constraint' in l]
   assert len(constraints) >= 10
@@ -434,7 +435,7 @@ def _compile_config(*overrides):
 
 def test_aot_compile_reports_memory_and_flops():
   config = _compile_config()
-  report = aot.compile_train_step(config, parallel.make_mesh(config.mesh), target='cpu')
+  report = compile_lib.compile_train_step(config, parallel.make_mesh(config.mesh), target='cpu')
   n_params = models.param_count(models.ModelConfig.from_dict(config.model))['total']
   state_bytes = 3 * 4 * n_params  # params + AdamW mu + nu, float32
   # Weights are split over fsdp x tensor = 4 devices (the data axis replicates them); the norm
@@ -498,7 +499,7 @@ def test_tpu_topology_multislice_mesh_and_aot():
   assert [{d.slice_index for d in row.ravel()} for row in mesh.devices] == [{0}, {1}]
   config = _compile_config('--config.mesh.data=1', '--config.mesh.fsdp=-1',
                            '--config.mesh.tensor=1', '--config.parallel.rules=fsdp')
-  report = aot.compile_train_step(config, mesh, target='v5e')
+  report = compile_lib.compile_train_step(config, mesh, target='v5e')
   assert report.argument_bytes > 0 and report.flops > 0
 
 

@@ -1,5 +1,5 @@
 """NF4 / int8 quantisation (flaxllm.peft.quant), QLoRA training, freezing rules and the
-fine-tuning hooks (flaxllm.peft.finetune) on tiny LLaMAs."""
+fine-tuning methods (flaxllm.objectives.finetune) on tiny LLaMAs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +8,9 @@ import pytest
 
 from flaxllm import lora, models
 from flaxllm.models import params as params_lib
-from flaxllm.peft import finetune, quant, path_rules as rules_lib
+from flaxllm.objectives import finetune
+from flaxllm.peft import path_rules as rules_lib
+from flaxllm.peft import quant
 
 
 def _weights(shape=(256, 384), seed=0):
@@ -81,10 +83,10 @@ def _loss(model, tree, batch):
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-def _train(model, split, model_params, params, steps=12, lr=1e-2):
-  """A few AdamW steps through the fine-tuning hooks; returns (losses, trainable, base)."""
-  trainable, base = jax.jit(split)(params, jax.random.key(1))
-  frozen = {'base': base}
+def _train(model, method, params, steps=12, lr=1e-2):
+  """A few AdamW steps through a fine-tuning method; returns (losses, trainable, base)."""
+  trainable, frozen = jax.jit(method.split)(params, jax.random.key(1))
+  model_params = method.model_params
   tx = optax.adam(lr)
   opt = tx.init(trainable)
   batch = np.random.default_rng(7).integers(0, 32, (4, 33)).astype(np.int32)
@@ -99,15 +101,15 @@ def _train(model, split, model_params, params, steps=12, lr=1e-2):
   for _ in range(steps):
     trainable, opt, loss = step(trainable, opt, frozen)
     losses.append(float(loss))
-  return losses, trainable, base
+  return losses, trainable, frozen['base']
 
 
 def test_qlora_trains_on_an_nf4_base():
   _, model, params = _tiny()
   ft = {'method': 'qlora', 'targets': ('all-linear',), 'rank': 4, 'alpha': 8.0,
         'quant': 'nf4', 'double_quant': True}
-  split, model_params = finetune.hooks(ft)
-  losses, adapters, base = _train(model, split, model_params, params, steps=8)
+  method = finetune.from_config(ft)
+  losses, adapters, base = _train(model, method, params, steps=8)
   assert losses[-1] < losses[0] - 0.3, losses
   flat = params_lib.flatten(base)
   assert isinstance(flat['decoder/layers/attn/q_proj/kernel'], quant.QuantizedTensor)
@@ -115,9 +117,9 @@ def test_qlora_trains_on_an_nf4_base():
   stats = quant.tree_bytes(base)
   assert stats['quantized_bytes_per_param'] < 0.52
   # Merged export: dequantised base + adapters, a plain tree the model applies directly.
-  merged = jax.jit(lambda a, b: finetune.full_params(ft, a, {'base': b}))(adapters, base)
+  merged = method.plain_params(adapters, {'base': base})
   fwd = jax.jit(lambda tree: model.apply({'params': tree}, jnp.arange(16)[None]))
-  np.testing.assert_allclose(fwd(merged), fwd(model_params(adapters, {'base': base})),
+  np.testing.assert_allclose(fwd(merged), fwd(method.model_params(adapters, {'base': base})),
                              atol=1e-4)
 
 
@@ -125,8 +127,8 @@ def test_freeze_trains_only_the_selected_params():
   cfg, model, params = _tiny(scan=False)
   before = jax.tree.map(np.array, params)
   train_rules = rules_lib.top_layers(1, cfg.num_layers) + [r'final_norm/']
-  split, model_params = finetune.hooks({'method': 'freeze', 'train': train_rules})
-  losses, trainable, base = _train(model, split, model_params, params, steps=6)
+  method = finetune.from_config({'method': 'freeze', 'train': train_rules})
+  losses, trainable, base = _train(model, method, params, steps=6)
   assert losses[-1] < losses[0]
   names = set(params_lib.flatten(trainable))
   assert names and all('layers_1/' in n or 'final_norm' in n for n in names)
@@ -145,18 +147,18 @@ def test_freeze_trains_only_the_selected_params():
     rules_lib.top_layers(3, 2)
 
 
-def test_hooks_trace_abstractly_and_full_is_identity():
+def test_methods_trace_abstractly_and_full_is_identity():
   """The trainer builds shardings from jax.eval_shape(split, abstract params): every method
   must trace without arrays."""
   cfg = models.presets.get('tiny_llama', scan_layers=True)
   abstract = jax.eval_shape(lambda: models.init_params(models.build(cfg), jax.random.key(0)))
   for method in finetune.METHODS:
     ft = {'method': method, 'targets': ('q_proj', 'v_proj'), 'train': ('norm/',), 'rank': 2}
-    split, _ = finetune.hooks(ft)
-    trainable, base = jax.eval_shape(split, abstract, jax.random.key(0))
+    trainable, frozen = jax.eval_shape(finetune.from_config(ft).split, abstract,
+                                       jax.random.key(0))
     if method == 'full':
-      assert base is None and trainable == abstract
+      assert frozen == {} and trainable == abstract
     elif method in ('lora', 'qlora'):
       assert lora.trainable_count(trainable) == 2 * 2 * ((64 + 64) + (64 + 32))
   with pytest.raises(rules_lib.RuleError, match="finetune.method='prefix' is not known"):
-    finetune.hooks({'method': 'prefix'})
+    finetune.from_config({'method': 'prefix'})

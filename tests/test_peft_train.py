@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flaxllm import config as config_lib
-from flaxllm import lora
+from flaxllm import lora, rundir
 from flaxllm.models import params as params_lib
 from flaxllm.peft import quant
 from flaxllm.train import trainer
@@ -57,11 +57,10 @@ def test_trainer_step_leaves_the_base_bitwise_unchanged(data, method):
   key = jax.random.PRNGKey(0)
   params = programs.init_params(key)
   before = jax.tree.map(np.array, params)
-  trainable, base = programs.split(params, key)     # params are donated
-  base_before = jax.tree.map(np.array, base)
+  trainable, frozen = programs.split(params, key)     # params are donated
+  base_before = jax.tree.map(np.array, frozen['base'])
   start = jax.tree.map(np.array, trainable)
   state = programs.init(trainable, key)
-  frozen = {'base': base}
   batch = _batch(config)
   losses = []
   for _ in range(5):
@@ -91,7 +90,7 @@ def test_trainer_step_leaves_the_base_bitwise_unchanged(data, method):
       for p, x in params_lib.flatten(base_before).items():
         np.testing.assert_array_equal(x, flat[p])
   else:
-    assert set(params_lib.flatten(state.params)) == {
+    assert set(params_lib.flatten(state.params['model'])) == {
         p for p in flat if 'layers_1/' in p or 'final_norm/' in p}
 
 
@@ -116,7 +115,7 @@ def test_lora_run_from_init_from_exports_adapter_and_merged_model(data, tmp_path
   assert train_losses[-1] < train_losses[0] - 0.3, train_losses
   assert summary['val_loss'] < train_losses[0]
   # Exports: the merged model (flaxllm layout) and the PEFT adapter.
-  _, merged = native.load_flaxllm(os.path.join(workdir, trainer.MODEL_DIR))
+  _, merged = native.load_flaxllm(os.path.join(workdir, rundir.MODEL_DIR))
   adapters = peft_io.load_adapter(os.path.join(workdir, 'adapter'), model_cfg)
   np.testing.assert_allclose(
       params_lib.flatten(lora.merge(params, adapters))['decoder/layers_0/attn/q_proj/kernel'],

@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 
 from flaxllm import config as config_lib
-from flaxllm import models
+from flaxllm import models, rundir
 from flaxllm.data import pipeline, tokenizer as tokenizer_lib
 from flaxllm.models.config import ConfigError
-from flaxllm.train import checkpoint as ckpt_lib
 from flaxllm.train import main as main_lib
 from flaxllm.train import metrics as metrics_lib
 from flaxllm.train import optim
@@ -113,7 +112,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(env, referenc
   losses, _ = _losses(workdir)
   reached = max(losses)
   assert 10 <= reached < RESUME_STEPS, 'the run was not interrupted mid-way'
-  steps = ckpt_lib.Checkpoints(str(workdir)).steps()
+  steps = rundir.Checkpoints(str(workdir)).steps()
   if sig == signal.SIGTERM:  # saved at the step it reached, not just the last multiple of 10
     assert steps[-1] == reached
 
@@ -190,7 +189,7 @@ def test_run_writes_metrics_checkpoints_and_artifacts(tiny_run):
   assert summary['val_loss'] == val[20]
   for name in ('config.json', 'tokenizer.json', 'loss_curve.png', 'model/model_config.json'):
     assert (workdir / name).exists(), name
-  assert ckpt_lib.Checkpoints(str(workdir)).steps() == [10, 20]
+  assert rundir.Checkpoints(str(workdir)).steps() == [10, 20]
 
 
 def test_resume_with_incompatible_config_is_an_error_and_safe_keys_are_allowed(env, tiny_run):
@@ -204,7 +203,7 @@ def test_resume_with_incompatible_config_is_an_error_and_safe_keys_are_allowed(e
                                           r'--workdir\.$'):
       trainer.train(_config(env, **{key: value}), str(workdir))
   assert (workdir / 'config.json').read_text() == before
-  assert ckpt_lib.Checkpoints(str(workdir)).steps() == [10, 20]
+  assert rundir.Checkpoints(str(workdir)).steps() == [10, 20]
   # A safe change (logging, more eval batches) on a complete run: reported, nothing retrained.
   summary = trainer.train(_config(env, log_every=5, eval_batches=1), str(workdir))
   assert summary['complete'] and summary['step'] == 20
@@ -229,15 +228,15 @@ def test_eval_command_any_checkpoint(tiny_run, capsys):
 def test_init_from_a_run_or_an_exported_model(env, tiny_run):
   workdir, _ = tiny_run
   programs = trainer.build_programs(_config(env))
-  checkpoints = ckpt_lib.Checkpoints(str(workdir))
+  checkpoints = rundir.Checkpoints(str(workdir))
   final, _ = checkpoints.restore(20, programs.abstract_state)
   checkpoints.close()
   for source in (workdir, workdir / 'model'):  # a flaxllm workdir, a `flaxllm convert` dir
-    params = trainer.load_init_params(str(source), programs.abstract_state.params)
-    jax.tree.map(np.testing.assert_array_equal, params, final.params)
+    params = rundir.load_params(str(source), programs.abstract_params, what='init_from')
+    jax.tree.map(np.testing.assert_array_equal, params, final.params['model'])
   other = trainer.build_programs(_config(env, **{'model.mlp_dim': 48}))
-  with pytest.raises(trainer.TrainError, match=r'do not match config\.model'):
-    trainer.load_init_params(str(workdir), other.abstract_state.params)
+  with pytest.raises(rundir.RunDirError, match=r'do not match the model config'):
+    rundir.load_params(str(workdir), other.abstract_params, what='init_from')
 
 
 def test_corrupted_latest_checkpoint_falls_back_and_resumes(env, tiny_run, caplog):
@@ -253,7 +252,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_resumes(env, tiny_run, caplo
   assert summary['complete'] and summary['step'] == 20
   moved = glob.glob(str(workdir / 'checkpoints_corrupt' / '20-*'))
   assert len(moved) == 1 and os.path.isdir(os.path.join(moved[0], 'state'))  # kept, not deleted
-  assert ckpt_lib.Checkpoints(str(workdir)).steps() == [10, 20]
+  assert rundir.Checkpoints(str(workdir)).steps() == [10, 20]
   assert _losses(workdir) == _losses(original)  # steps 11-20 retrained identically
 
 
@@ -272,7 +271,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(env, monkeyp
   with pytest.raises(trainer.TrainError, match=r'^the loss became nan .* at step 14; stopped '
                      r'without saving \(last good checkpoint: step 10\); lower optim\.lr'):
     trainer.train(config, str(workdir))
-  checkpoints = ckpt_lib.Checkpoints(str(workdir))
+  checkpoints = rundir.Checkpoints(str(workdir))
   assert checkpoints.steps() == [10]
   programs = trainer.build_programs(config)
   state, _ = checkpoints.restore(10, programs.abstract_state)

@@ -12,6 +12,7 @@ import pytest
 from flaxllm import config as config_lib
 from flaxllm import models
 from flaxllm.models.params import flatten
+from flaxllm.objectives import lm
 from flaxllm.train import optim
 from flaxllm.train import step as step_lib
 
@@ -53,7 +54,7 @@ def test_loss_is_token_weighted_mean_and_z_loss_matches_hand_computation(model_a
   mask = batch['loss_mask']
   want_ce = ((lse - target_logit) * mask).sum()
   want_z = (lse ** 2 * mask).sum()
-  loss_fn = step_lib.lm_loss(model, z_loss=1e-2)
+  loss_fn = lm.lm_loss(model, z_loss=1e-2)
   objective, sums = jax.jit(lambda p, b: loss_fn(p, {}, b))(params, batch)
   np.testing.assert_allclose(sums['ce'], want_ce, rtol=1e-5)
   np.testing.assert_allclose(sums['z'], want_z, rtol=1e-5)
@@ -75,8 +76,8 @@ def test_chunked_loss_equals_whole_logits_loss(tie):
   model = _model(tie_embeddings=tie)
   params = jax.jit(functools.partial(models.init_params, model))(jax.random.key(1))
   batch = _batch()
-  whole = step_lib.lm_loss(model, z_loss=1e-2)
-  chunked = step_lib.lm_loss(model, z_loss=1e-2, chunk_size=5)
+  whole = lm.lm_loss(model, z_loss=1e-2)
+  chunked = lm.lm_loss(model, z_loss=1e-2, chunk_size=5)
   grad = lambda fn: jax.jit(jax.grad(lambda p: fn(p, {}, batch), has_aux=True))(params)
   (g_whole, s_whole), (g_chunk, s_chunk) = grad(whole), grad(chunked)
   for k in ('ce', 'z', 'tokens'):
@@ -88,7 +89,7 @@ def test_chunked_loss_equals_whole_logits_loss(tie):
 def test_grad_accumulation_equals_full_batch_per_token(model_and_params):
   model, params = model_and_params
   batch, accum = _batch(batch=4), 4   # one row per micro-batch; rows have different token counts
-  loss_fn = step_lib.lm_loss(model, z_loss=1e-3)
+  loss_fn = lm.lm_loss(model, z_loss=1e-3)
   grads_and_sums = lambda a: jax.jit(functools.partial(
       step_lib.grads_and_sums, loss_fn, accum_steps=a))(params, {}, batch)
   full_grads, full_sums = grads_and_sums(1)
@@ -186,7 +187,7 @@ def test_skip_nonfinite_keeps_the_previous_state(model_and_params):
                               opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
   batch = _batch()
   bad_lr = lambda s: jnp.float32(1.0)
-  fn = jax.jit(step_lib.make_train_step(step_lib.lm_loss(model), tx, bad_lr,
+  fn = jax.jit(step_lib.make_train_step(lm.lm_loss(model), tx, bad_lr,
                                         skip_nonfinite=True))
   ok_state, ok_metrics = fn(state, batch)
   assert float(ok_metrics['skipped']) == 0.0 and int(ok_state.step) == 1

@@ -15,7 +15,7 @@ Another teacher: teacher=DIR after the colon, e.g.
     flaxllm train --config=experiments/distill/config.py:role=distill,teacher=runs/distill/teacher600 \
         --workdir=runs/distill/kd600
 
-Other recipes of flaxllm.distill on the same student:
+Other recipes of flaxllm.objectives.distill on the same student:
     ...:role=distill,alpha=0.9,temperature=2     loss weights / temperature
     ...:role=distill,divergence=jsd,beta=0.5     generalised JSD (reverse_kl, forward_kl)
     ...:role=onpolicy                             GKD: 25% of the batches sampled by the student
@@ -59,6 +59,7 @@ def get_config(arg=None):
     return config
   if arg.role not in ('distill', 'onpolicy', 'offline'):
     raise ValueError(f'unknown role {arg.role!r}; use scratch, distill, onpolicy or offline.')
+  config.objective = 'distill'
   d.update(alpha=arg.alpha, temperature=arg.temperature, divergence=arg.divergence,
            beta=arg.beta, top_k=arg.top_k, chunk_size=64)
   if arg.role == 'offline':

@@ -29,22 +29,16 @@ def baseline(workdir: str) -> float:
   """The validation loss of a run's step-0 params (the base model) on the run's validation
   batches, as the trainer computes it."""
   # pylint: disable=import-outside-toplevel
-  from flaxllm import parallel
-  from flaxllm.data import pipeline
   from flaxllm.train import main as main_lib
   from flaxllm.train import trainer
   workdir = os.path.abspath(workdir)
   config = main_lib.config_for(None, workdir, ())
-  tokenizer = trainer.workdir_tokenizer(workdir, config)
-  mesh = parallel.make_mesh(config.mesh)
-  programs = trainer.build_programs(config, mesh)
-  trainable, base = trainer.start_params(config, programs)
-  frozen = {'base': base} if base is not None else {}
-  val_iter = pipeline.make_iterator(config.data, tokenizer, split='validation',
-                                    seq_len=config.seq_len, batch_size=config.batch_size,
-                                    seed=config.seed, process_index=0, process_count=1)
-  batches = (parallel.shard_batch(b, mesh, programs.rules)
-             for _, b in zip(range(config.eval_batches), val_iter))
+  tokenizer = trainer.run_tokenizer(workdir, config)
+  programs = trainer.build_programs(config)
+  trainable, frozen = trainer.start_params(config, programs, {})
+  feed = trainer.DataFeed(config, programs, tokenizer)
+  val_iter = feed.iterator('validation')
+  batches = (feed.to_mesh(b) for _, b in zip(range(config.eval_batches), val_iter))
   result = trainer.evaluate(programs.eval_step, trainable, frozen, batches)
   val_iter.close()
   return result['val_loss']

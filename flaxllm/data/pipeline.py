@@ -29,6 +29,7 @@ from typing import Any, Iterator, Mapping
 
 import grain
 import numpy as np
+from absl import flags
 
 from flaxllm.data import corpus as corpus_lib
 from flaxllm.data import instruct as instruct_lib
@@ -103,9 +104,11 @@ def check_section(data: Any, tokenizer: Any) -> None:
     if not ok:
       raise ConfigError(message)
 
-  require(data.source in SOURCES, f"data.source={data.source!r} is not known; choose one of {sorted(SOURCES)}.")
-  if data.source in ("text", "jsonl"):
-    require(bool(data.path), f"data.source={data.source!r} needs data.path; set --config.data.path=<a file, directory or glob>.")
+  require(data.source in SOURCES, f"data.source={data.source!r} is not known; choose one of {tuple(SOURCES)}.")
+  if data.source == "text":
+    require(bool(data.path), "data.source='text' needs data.path; set --config.data.path=/path/to/text/files.")
+  if data.source == "jsonl":
+    require(bool(data.path), "data.source='jsonl' needs data.path; set --config.data.path=/path/to/records.jsonl.")
   if data.source == "jsonl" and data.format in instruct_lib.FORMATS:
     require(tokenizer.kind == "bytes" or bool(tokenizer.model_path),
             "instruction data needs the base model's tokenizer; set --config.tokenizer.model_path=<base workdir>/tokenizer.model.")
@@ -114,7 +117,7 @@ def check_section(data: Any, tokenizer: Any) -> None:
   if data.source == "stdlib_pairs":
     require(data.name in tasks_lib.TASKS, f"data.source='stdlib_pairs' needs data.name, one of {sorted(tasks_lib.TASKS)}; set e.g. --config.data.name=snake_to_camel.")
   require(data.format in DOCUMENT_FORMATS, f"data.format={data.format!r} is not known; choose one of {sorted(DOCUMENT_FORMATS)}.")
-  require(data.packing in PACKING, f"data.packing={data.packing!r} is not known; use one of {PACKING}.")
+  require(data.packing in PACKING, f"data.packing={data.packing!r} is not known; use {' or '.join(map(repr, PACKING))}.")
   require(0.0 <= data.val_fraction < 1.0, f"data.val_fraction={data.val_fraction} must be in [0, 1); use e.g. 0.02.")
   require(data.process_sharding in PROCESS_SHARDING,
           f"data.process_sharding={data.process_sharding!r} is not known; use one of {PROCESS_SHARDING}.")
@@ -282,8 +285,6 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
 
 def _ensure_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags; outside an absl app, use their defaults."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 

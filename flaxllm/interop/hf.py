@@ -18,6 +18,7 @@ Layout conversions (PyTorch `nn.Linear.weight` is [out, in]; flaxllm kernels are
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -25,8 +26,13 @@ import os
 import re
 from typing import Any, Callable, Optional, Sequence
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers 'bfloat16' with numpy, which safetensors' np needs)
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from flaxllm.interop.native import load_flaxllm, save_flaxllm
 from flaxllm.models.config import ConfigError, ModelConfig
@@ -424,7 +430,6 @@ class _TensorSource:
   headers only; `get(name)` reads one tensor as numpy."""
 
   def __init__(self, path: str):
-    from safetensors import safe_open  # local: keep `import flaxllm` light
     self._safe_open = safe_open
     index = os.path.join(path, INDEX_NAME)
     single = os.path.join(path, WEIGHTS_NAME)
@@ -548,7 +553,6 @@ def load(path: str, *, dtype=None, compute_dtype=None, scan_layers: bool = False
   groups = tensor_groups(family, cfg, prefix)
   _check_tensors(groups, src, family, cfg, arch)
 
-  import jax.numpy as jnp
   params: dict = {}
   stacked: dict[tuple, np.ndarray] = {}
   try:
@@ -651,10 +655,6 @@ def save(model_config, params, path: str, *, dtype=None,
     max_shard_size: bytes (int) or a string like '5GB' / '200MB'; larger checkpoints are split
       into model-0000i-of-0000n.safetensors shards with model.safetensors.index.json.
   """
-  import flax.linen as nn
-  import jax
-  from safetensors.numpy import save_file
-
   cfg = ModelConfig.from_dict(model_config)
   family = export_family(cfg)
   params = nn.meta.unbox(params)
@@ -746,7 +746,6 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
 
   `argv` excludes the program and the 'convert' word. Returns the exit status (0).
   """
-  import argparse
   parser = argparse.ArgumentParser(
       prog='flaxllm convert',
       description='Convert between Hugging Face (LLaMA, Mistral, GPT-2 safetensors) and '

@@ -9,6 +9,11 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
 from flaxllm.models.config import ModelConfig
 
 CONFIG_NAME = 'model_config.json'
@@ -17,14 +22,10 @@ PARAMS_DIR = 'params'
 
 def save_flaxllm(model_config, params, path: str) -> None:
   """Writes `model_config` and `params` to the directory `path` (replacing params/ there)."""
-  import flax.linen as nn
-  import orbax.checkpoint as ocp
   cfg = ModelConfig.from_dict(model_config)
   params = nn.meta.unbox(params)
   if set(params) == {'params'}:
     params = params['params']
-  import jax
-  from jax.experimental import multihost_utils
   path = os.path.abspath(os.fspath(path))
   target = os.path.join(path, PARAMS_DIR)
   main = jax.process_index() == 0  # every process calls this: each writes its own shards
@@ -44,8 +45,6 @@ def save_flaxllm(model_config, params, path: str) -> None:
 
 def load_flaxllm(path: str):
   """(ModelConfig, params) from a directory written by `save_flaxllm`."""
-  import jax
-  import orbax.checkpoint as ocp
   path = os.path.abspath(os.fspath(path))
   cfg_path = os.path.join(path, CONFIG_NAME)
   params_path = os.path.join(path, PARAMS_DIR)

@@ -22,11 +22,14 @@ import math
 import os
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
-from flaxllm import lora
 from flaxllm.interop import hf as hf_lib
 from flaxllm.models.config import ModelConfig
+from flaxllm.peft import lora, quant
 from flaxllm.peft import path_rules as rules_lib
 
 ADAPTER_CONFIG = 'adapter_config.json'
@@ -58,9 +61,6 @@ def _kernel_modules(cfg: ModelConfig, scanned: bool) -> dict[str, list[tuple]]:
 def save_adapter(model_config, adapters, path: str, *,
                  base_model_name_or_path: str = '') -> None:
   """Writes `adapters` (flaxllm.lora) as a PEFT LoRA adapter directory."""
-  from safetensors.numpy import save_file
-  import jax
-
   cfg = ModelConfig.from_dict(model_config)
   items = rules_lib.flatten(adapters)
   if not items:
@@ -107,7 +107,6 @@ def save_adapter(model_config, adapters, path: str, *,
 
 def save_merged(model_config, params, adapters, path: str, **hf_kwargs) -> None:
   """A full HF checkpoint of the merged model W0 + scale*BA (`flaxllm.interop.hf.save`)."""
-  from flaxllm.peft import quant
   hf_lib.save(model_config, quant.dequantize_tree(lora.merge(params, adapters)), path,
               **hf_kwargs)
 
@@ -117,9 +116,6 @@ def load_adapter(path: str, model_config, *, scan_layers: Optional[bool] = None,
   """A PEFT LoRA adapter directory -> a flaxllm.lora adapters tree for `model_config` (its
   scan_layers layout unless given). Raises PeftInteropError naming any tensor that does not
   fit the base model."""
-  from safetensors.numpy import load_file
-  import jax.numpy as jnp
-
   cfg = ModelConfig.from_dict(model_config)
   scanned = cfg.scan_layers if scan_layers is None else scan_layers
   cfg_path = os.path.join(path, ADAPTER_CONFIG)

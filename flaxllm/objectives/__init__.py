@@ -7,6 +7,7 @@
   base.py       the protocol, implemented for a language model on packed documents
   lm.py         'lm': next-token prediction (pretraining, instruction tuning)
   distill/      'distill': knowledge distillation from a frozen teacher (config.distill)
+  seq2seq.py    'seq2seq': the encoder-decoder Transformer on (source, target) pairs
   finetune.py   what is trained of the model (config.finetune: full | freeze | lora | qlora),
                 composed with every objective
 

@@ -6,12 +6,13 @@ import json
 from ml_collections import ConfigDict
 
 from flaxllm.models.config import ConfigError
-from flaxllm.objectives import base, finetune, lm
+from flaxllm.objectives import base, finetune, lm, seq2seq
 from flaxllm.objectives.distill.objective import Distillation
 
 REGISTRY: dict[str, type[base.Objective]] = {
     'lm': lm.LanguageModel,
     'distill': Distillation,
+    'seq2seq': seq2seq.Seq2Seq,
 }
 
 

@@ -28,6 +28,7 @@ import re
 from typing import Callable
 
 import jax
+from jax.experimental import topologies
 
 GiB = 1 << 30
 
@@ -97,12 +98,11 @@ def target_devices(target: str = 'cpu') -> tuple[list, str]:
   if target.startswith('tpu:'):
     topology = target[4:]
     try:
-      import libtpu  # noqa: F401
+      import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel -- optional (TPU)
     except ImportError:
       raise TargetUnavailable(
           f'target {target!r} needs the libtpu package (pip install libtpu; no TPU needed) '
           'to run the TPU compiler; use target=cpu for fake CPU devices instead.') from None
-    from jax.experimental import topologies
     try:
       desc = topologies.get_topology_desc(topology, 'tpu')
     except Exception as e:  # noqa: BLE001 -- libtpu's errors vary by version

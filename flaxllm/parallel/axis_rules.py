@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence, Union
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
@@ -169,20 +170,20 @@ def param_specs(model: nn.Module, *example_inputs, rng=None) -> Any:
 
   `example_inputs` default to a [1, 8] int32 token batch (two for encoder-decoders).
   """
-  import jax.numpy as jnp
-  if not example_inputs:
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    example_inputs = (tokens, tokens) if type(model).__name__ == 'EncoderDecoder' else (tokens,)
+  example_inputs = example_inputs or _example_inputs(model)
   rng = jax.random.key(0) if rng is None else rng
   abstract = jax.eval_shape(lambda: model.init(rng, *example_inputs))
   return nn.get_partition_spec(abstract)['params']
 
 
+def _example_inputs(model: nn.Module) -> tuple:
+  """A [1, 8] int32 token batch for each input of `model` (two for encoder-decoders)."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return (tokens, tokens) if type(model).__name__ == 'EncoderDecoder' else (tokens,)
+
+
 def param_shapes(model: nn.Module, *example_inputs, rng=None) -> Any:
-  import jax.numpy as jnp
-  if not example_inputs:
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    example_inputs = (tokens, tokens) if type(model).__name__ == 'EncoderDecoder' else (tokens,)
+  example_inputs = example_inputs or _example_inputs(model)
   rng = jax.random.key(0) if rng is None else rng
   abstract = jax.eval_shape(lambda: model.init(rng, *example_inputs))
   return jax.tree.map(lambda x: x.unbox(apply_constraint=False)

@@ -64,14 +64,14 @@ def _already_initialized() -> bool:
   fn = getattr(jax.distributed, 'is_initialized', None)
   if fn is not None:
     return bool(fn())
-  from jax._src import distributed as _d  # older JAX
+  from jax._src import distributed as _d  # pylint: disable=import-outside-toplevel -- older JAX
   return _d.global_state.client is not None
 
 
 def _cluster_detected() -> bool:
   """Whether JAX's automatic cluster detection would find a multi-process environment."""
   try:
-    from jax._src import clusters
+    from jax._src import clusters  # pylint: disable=import-outside-toplevel -- private, may move
     for env in clusters.ClusterEnv._cluster_types:
       if env.is_env_present():
         return True

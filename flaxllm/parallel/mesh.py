@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 from ml_collections import ConfigDict
 
@@ -131,7 +132,6 @@ def make_mesh(mesh_cfg: Mapping[str, Any] | None = None, devices: Sequence[Any] 
       except (ValueError, NotImplementedError, AssertionError):
         pass
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES, axis_types=types)
-  from jax.experimental import mesh_utils
   if real_slices > 1:
     arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
   elif jax.process_count() == math.prod(dcn):

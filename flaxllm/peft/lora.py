@@ -33,6 +33,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from flaxllm.peft import quant as quant_lib
 from flaxllm.peft import path_rules as rules_lib
@@ -343,9 +344,8 @@ def trainable_count(adapters) -> int:
 
 def adapter_specs(base_specs, adapters):
   """Logical PartitionSpecs for `adapters` from the base params' specs (e.g.
-  `flaxllm.parallel.axis_rules.param_specs(model)`): A keeps the kernel's input axes, B its output
-  axes, the rank dim is replicated; a scanned kernel's `layers` axis leads both."""
-  from jax.sharding import PartitionSpec as P
+  `flaxllm.parallel.axis_rules.param_specs(model)`): A keeps the kernel's input axes, B its
+  output axes, the rank dim is replicated; a scanned kernel's `layers` axis leads both."""
   specs = rules_lib.flatten(base_specs) if base_specs is not None else {}
   out = {}
   for path, ad in _adapter_items(adapters).items():

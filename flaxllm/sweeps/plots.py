@@ -17,14 +17,14 @@ from flaxllm.sweeps.spec import human
 
 
 def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib  # pylint: disable=import-outside-toplevel -- heavy, only for plots
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel -- heavy
   return plt
 
 
 def _save(fig, path: str) -> str:
-  from matplotlib.ticker import NullFormatter  # pylint: disable=import-outside-toplevel
+  from matplotlib.ticker import NullFormatter  # pylint: disable=import-outside-toplevel -- heavy
   for ax in fig.axes:   # x axes span over a decade: label the powers of ten only
     if ax.xaxis.get_scale() == 'log':
       ax.xaxis.set_minor_formatter(NullFormatter())

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
+from tqdm.auto import tqdm
 
 from flaxllm import rundir
 from flaxllm.models.config import ConfigError
@@ -122,7 +123,6 @@ class MetricsWriter:
     self.bar = None
     self.last_print = 0.0
     if is_main and config.progress_bar:
-      from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
       self.bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
                       disable=None, file=sys.stderr)
       if self.bar.disable:  # not a terminal: plain log lines instead (see write)
@@ -144,7 +144,7 @@ class MetricsWriter:
       with open(id_path, 'w') as f:
         f.write(run_id + '\n')
     try:
-      import wandb  # pylint: disable=import-outside-toplevel
+      import wandb  # pylint: disable=import-outside-toplevel -- heavy, only when W&B is on
       return wandb.init(project=config.wandb.project, group=config.wandb.group or None,
                         name=config.wandb.name or os.path.basename(os.path.abspath(self.workdir)),
                         id=run_id, resume='allow', mode=mode, dir=self.workdir,
@@ -205,9 +205,9 @@ def plot_losses(workdir: str, path: str | None = None) -> str | None:
   val = [(r['step'], r['val_loss']) for r in rows if 'val_loss' in r]
   if not train and not val:
     return None
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib  # pylint: disable=import-outside-toplevel -- heavy, only for the plot
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel -- heavy
   fig, ax = plt.subplots(figsize=(7, 4))
   if train:
     ax.plot(*zip(*train), label='train loss', lw=1)
