@@ -29,10 +29,8 @@ import importlib.util
 import json
 import math
 import os
-import re
 from typing import Any, Iterable, Sequence
 
-import ml_collections
 from ml_collections import ConfigDict
 
 from flaxllm import rundir

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 

@@ -179,10 +179,10 @@ class Objective:
     if not s.max_new_tokens:
       return None
     ids = [tokenizer.bos_id] + tokenizer.encode(s.prompt)
-    out = generate_lib.generate(self.model_cfg, plain_params(), [ids], max_new_tokens=s.max_new_tokens,
-                                temperature=s.temperature, top_k=s.top_k or None,
-                                stop_tokens=(tokenizer.eos_id,), seed=s.seed,
-                                pad_id=tokenizer.pad_id)[0]
+    out = generate_lib.generate(self.model_cfg, plain_params(), [ids],
+                                max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                top_k=s.top_k or None, stop_tokens=(tokenizer.eos_id,),
+                                seed=s.seed, pad_id=tokenizer.pad_id)[0]
     return s.prompt + tokenizer.decode(out)
 
   def export(self, workdir: str, plain_params, trainable, gather: Callable, is_main: bool):

@@ -102,8 +102,10 @@ class Seq2Seq(base.Objective):
 
   @classmethod
   def tokenizer_corpus(cls, config):
-    """Both sides of the training pairs (a tokenizer trained on them encodes both)."""
-    return [text for pair in seq2seq_data.pairs(config.data, 'train') for text in pair]
+    """Both sides of the training pairs (a tokenizer trained on them encodes both), read only
+    if a tokenizer is trained."""
+    for pair in seq2seq_data.pairs(config.data, 'train'):
+      yield from pair
 
   def check(self, tokenizer) -> None:
     """The pair records have both fields (one sentence naming the file and the field)."""

@@ -3,7 +3,8 @@
   flaxllm distill-data --mode=topk --config=SPEC [--config.k=v ...] [--teacher=DIR] \
       --top-k=64 --out=DIR [--steps=N]
       the teacher's top-k logits of the first N (default total_steps) train batches of the
-      student config SPEC (flaxllm.objectives.distill.offline); train with distill.offline_logits=DIR.
+      student config SPEC (flaxllm.objectives.distill.offline); train with
+      distill.offline_logits=DIR.
   flaxllm distill-data --mode=sequences --teacher=DIR --out=DIR [--config=SPEC] \
       [--num=256 --prompt-len=16 --max-new-tokens=128 --temperature=0.8 --top-k=0]
       sequence-level distillation data: teacher continuations of the first tokens of training

@@ -171,14 +171,14 @@ def train(config, workdir: str, devices=None) -> dict:
     if resuming and stored is not None:
       config_lib.check_resume_compatible(stored, config, workdir)
 
-    # ---- 2. Tokenizer (kept in the workdir) ----------------------------------------------
+    # ---- 2. Tokenizer (kept in the workdir); the objective's checks that need it ----------
     tokenizer = run_tokenizer(workdir, config, reuse=resuming)
+    objectives.from_config(config).check(tokenizer)   # e.g. a teacher, the pair records
 
-    # ---- 3. The objective, mesh and programs (every sharding checked before compiling) ----
+    # ---- 3. Mesh and programs (every sharding checked before compiling) -------------------
     mesh = parallel.make_mesh(config.mesh, devices)
     programs = build_programs(config, mesh)
     objective = programs.objective
-    objective.check(tokenizer)
 
     # ---- 4. State: resume or initialise; the frozen trees (base, teacher) ---------------------
     restored = checkpoints.restore_latest(programs.abstract_state) if resuming else None
