@@ -718,7 +718,10 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
       ids = [tok.bos_id] + ids
     prompts.append(ids)
   prompts += [_parse_ids(s) for s in args.prompt_ids]
-  sources = [tok.encode(text) + [tok.eos_id] for text in args.source]
+  # A sequence-to-sequence run with separate vocabularies keeps its source side's tokenizer.
+  src_tok = (rundir.load_tokenizer(source.path, rundir.SOURCE_TOKENIZER) or tok
+             if not args.tokenizer else tok)
+  sources = [src_tok.encode(text) + [src_tok.eos_id] for text in args.source]
   sources += [_parse_ids(s) for s in args.source_ids]
   if any(not ids for ids in prompts + sources):
     p.error('a prompt or source encodes to no tokens; add text or drop --no-bos.')

@@ -5,6 +5,8 @@ A run directory (`flaxllm train --workdir=W`):
     W/config.json            the validated experiment config (CONFIG_FILE)
     W/tokenizer.model        the run's sentencepiece model (TOKENIZER_FILE), or
     W/tokenizer.json         {'kind': 'bytes', ...}: which tokenizer the run uses (TOKENIZER_INFO)
+    W/source_tokenizer.*     the same for the source side of a sequence-to-sequence run with
+                             separate vocabularies (stem SOURCE_TOKENIZER)
     W/checkpoints/<step>/    orbax: `state` (the TrainState) + `data` (iterator state)
     W/checkpoints_corrupt/   checkpoints that could not be read, moved aside, never deleted
     W/metrics.jsonl, W/loss_curve.png, W/wandb_id.txt     (flaxllm.train.metrics)
@@ -43,8 +45,10 @@ from flaxllm.models.config import ConfigError, ModelConfig
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = 'config.json'
-TOKENIZER_FILE = 'tokenizer.model'
-TOKENIZER_INFO = 'tokenizer.json'
+TOKENIZER = 'tokenizer'                  # file stem of the run's tokenizer
+SOURCE_TOKENIZER = 'source_tokenizer'    # ... and of a seq2seq run's source-side tokenizer
+TOKENIZER_FILE = f'{TOKENIZER}.model'
+TOKENIZER_INFO = f'{TOKENIZER}.json'
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'checkpoints_corrupt'
 METRICS_FILE = 'metrics.jsonl'
@@ -108,17 +112,18 @@ def save_config_json(workdir: str, text: str):
   write_atomic(os.path.join(workdir, CONFIG_FILE), text)
 
 
-def run_tokenizer(workdir: str, tokenizer_cfg, data_cfg, reuse: bool = True
-                  ) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer: with `reuse`, the copy in `workdir` if there is one; else built from
-  `tokenizer_cfg` (sentencepiece models are trained on the corpus of `data_cfg`, or loaded from
-  tokenizer.model_path) and copied into `workdir` so that eval and generation use the same."""
+def run_tokenizer(workdir: str, tokenizer_cfg, corpus, reuse: bool = True,
+                  stem: str = TOKENIZER) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer `stem`: with `reuse`, the copy in `workdir` if there is one; else
+  built from `tokenizer_cfg` (sentencepiece models are trained on `corpus`, a data config or
+  texts, or loaded from tokenizer.model_path) and copied into `workdir` so that eval and
+  generation use the same."""
   if reuse:
-    found = load_tokenizer(workdir)
+    found = load_tokenizer(workdir, stem)
     if found is not None:
       return found
-  tokenizer = tokenizer_lib.get_tokenizer(tokenizer_cfg, corpus=data_cfg)
-  path = os.path.join(workdir, TOKENIZER_FILE)
+  tokenizer = tokenizer_lib.get_tokenizer(tokenizer_cfg, corpus=corpus)
+  path = os.path.join(workdir, f'{stem}.model')
   info = {'kind': tokenizer_cfg.kind, 'vocab_size': tokenizer.vocab_size,
           'bos_id': tokenizer.bos_id, 'eos_id': tokenizer.eos_id, 'pad_id': tokenizer.pad_id}
   if isinstance(tokenizer, tokenizer_lib.SentencePieceTokenizer):
@@ -127,23 +132,23 @@ def run_tokenizer(workdir: str, tokenizer_cfg, data_cfg, reuse: bool = True
     tokenizer = tokenizer_lib.SentencePieceTokenizer.load(path)
   elif os.path.exists(path):  # a tokenizer of an earlier attempt without checkpoints
     os.remove(path)
-  write_atomic(os.path.join(workdir, TOKENIZER_INFO), json.dumps(info, indent=2) + '\n')
+  write_atomic(os.path.join(workdir, f'{stem}.json'), json.dumps(info, indent=2) + '\n')
   return tokenizer
 
 
-def load_tokenizer(path: str) -> Optional[tokenizer_lib.Tokenizer]:
-  """The tokenizer stored in a workdir or model directory (tokenizer.model, or a bytes
-  tokenizer recorded in tokenizer.json), or None."""
-  spm = os.path.join(path, TOKENIZER_FILE)
+def load_tokenizer(path: str, stem: str = TOKENIZER) -> Optional[tokenizer_lib.Tokenizer]:
+  """The tokenizer `stem` stored in a workdir or model directory (<stem>.model, or a bytes
+  tokenizer recorded in <stem>.json), or None."""
+  spm = os.path.join(path, f'{stem}.model')
   if os.path.exists(spm):
     return tokenizer_lib.SentencePieceTokenizer.load(spm)
-  if _tokenizer_info_kind(path) == 'bytes':
+  if _tokenizer_info_kind(path, stem) == 'bytes':
     return tokenizer_lib.ByteTokenizer()
   return None
 
 
-def _tokenizer_info_kind(path: str) -> Optional[str]:
-  info = os.path.join(path, TOKENIZER_INFO)
+def _tokenizer_info_kind(path: str, stem: str = TOKENIZER) -> Optional[str]:
+  info = os.path.join(path, f'{stem}.json')
   if not os.path.exists(info):
     return None
   try:
@@ -167,7 +172,8 @@ def export_model(workdir: str, model_cfg, params, tokenizer_source: bool = True)
   its shards); the one with `tokenizer_source` copies the tokenizer."""
   path = os.path.join(workdir, MODEL_DIR)
   native.save_flaxllm(model_cfg, params, path)
-  for name in (TOKENIZER_FILE, TOKENIZER_INFO):
+  for name in (f'{stem}{ext}' for stem in (TOKENIZER, SOURCE_TOKENIZER)
+               for ext in ('.model', '.json')):
     src = os.path.join(workdir, name)
     if tokenizer_source and os.path.exists(src):
       with open(src, 'rb') as f:

@@ -139,3 +139,32 @@ def test_pairs_without_a_target_field_fail_before_compiling(tmp_path, monkeypatc
 def test_bad_seq2seq_settings_are_one_sentence(override, message):
   with pytest.raises(ConfigError, match=message):
     _config(override)
+
+
+def test_separate_vocabularies(tmp_path, capsys):
+  """seq2seq.shared_vocab=False: the source side has its own sentencepiece tokenizer (trained on
+  the sources, kept in the workdir and the exported model) and its own embedding."""
+  config = _config('--config.seq2seq.shared_vocab=False', '--config.model.source_vocab_size=320',
+                   '--config.seq2seq.source_tokenizer.kind=sentencepiece',
+                   '--config.seq2seq.source_tokenizer.vocab_size=320',
+                   '--config.seq2seq.eval_pairs=8', '--config.seq2seq.num_beams=1',
+                   variant=',steps=60')
+  summary = trainer.train(config, str(tmp_path / 'run'))
+  rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+  losses = [r['loss'] for r in rows if 'loss' in r]
+  assert summary['complete'] and losses[-1] < losses[0] - 1.0
+  source_tok = rundir.load_tokenizer(str(tmp_path / 'run'), rundir.SOURCE_TOKENIZER)
+  assert source_tok.vocab_size == 320
+  assert rundir.load_tokenizer(str(tmp_path / 'run')).vocab_size == 259
+  model_dir = tmp_path / 'run' / 'model'
+  assert (model_dir / 'source_tokenizer.model').exists()
+  params = rundir.load_params(str(model_dir))
+  assert params['source_embed']['embedding'].shape == (320, 64)
+  assert params['embed']['embedding'].shape == (264, 64)
+  with pytest.raises(ConfigError, match=r'shared_vocab=False needs the source embedding'):
+    _config('--config.seq2seq.shared_vocab=False')
+  capsys.readouterr()   # the training log
+  assert generate.generate_main([f'--model={model_dir}', '--source=read_file_lines',
+                                 '--max-new-tokens=32', '--json']) == 0
+  record = json.loads(capsys.readouterr().out)
+  assert record['source_ids'] == source_tok.encode('read_file_lines') + [source_tok.eos_id]

@@ -28,7 +28,7 @@ cut, so none is cut silently.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -101,6 +101,56 @@ def pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
   return [(_text(r, source_key), _text(r, target_key)) for r in records]
 
 
+# ----------------------------------------------------------------------------- tokenizers
+
+
+class PairTokenizer(Tokenizer):
+  """The tokenizers of a parallel corpus with separate vocabularies: it is the target side's
+  tokenizer (encode, decode, special ids), and ``source`` encodes the sources."""
+
+  def __init__(self, target: Tokenizer, source: Tokenizer):
+    self.target = target
+    self.source = source
+
+  def encode(self, text: str) -> list[int]:
+    return self.target.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.target.decode(ids)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.target.vocab_size
+
+  @property
+  def bos_id(self) -> int:
+    return self.target.bos_id
+
+  @property
+  def eos_id(self) -> int:
+    return self.target.eos_id
+
+  @property
+  def pad_id(self) -> int:
+    return self.target.pad_id
+
+
+def source_side(tokenizer: Tokenizer) -> Tokenizer:
+  """The tokenizer of the source side: ``tokenizer.source`` of a :class:`PairTokenizer`, else
+  ``tokenizer`` itself (one shared vocabulary)."""
+  return tokenizer.source if isinstance(tokenizer, PairTokenizer) else tokenizer
+
+
+def side_texts(data_config: Any, side: str) -> Iterator[str]:
+  """The texts of one side ('source' | 'target' | 'both') of the train pairs, read lazily
+  (what a sentencepiece tokenizer of that side is trained on)."""
+  for source, target in pairs(data_config, "train"):
+    if side in ("source", "both"):
+      yield source
+    if side in ("target", "both"):
+      yield target
+
+
 # ----------------------------------------------------------------------------- rows
 
 
@@ -168,7 +218,7 @@ def truncation_stats(data_config: Any, tokenizer: Tokenizer, *, split: str, sour
   """How many pairs of ``split`` the batches cut: ``pairs``, ``source_truncated``,
   ``target_truncated``, and the longest ``source_tokens`` / ``target_tokens`` (with EOS), the
   lengths at which nothing would be cut."""
-  source_tokenizer = source_tokenizer or tokenizer
+  source_tokenizer = source_tokenizer or source_side(tokenizer)
   longest_source = longest_target = cut_source = cut_target = 0
   split_pairs = pairs(data_config, split)
   for source, target in split_pairs:
@@ -213,7 +263,7 @@ def make_pair_iterator(
     process_index, process_count: this process's share of the global pair stream (every
       ``process_count``-th pair from ``process_index``).
     num_epochs: None repeats forever (train) / 1 (validation).
-    source_tokenizer: the source side's tokenizer (default: ``tokenizer``).
+    source_tokenizer: the source side's tokenizer (default: ``source_side(tokenizer)``).
 
   Returns:
     A :class:`~flaxllm.data.pipeline.DataIterator` of dicts: ``source``,
@@ -225,7 +275,7 @@ def make_pair_iterator(
   if source_len < 1 or target_len < 1 or batch_size < 1:
     raise ValueError(f"source_len, target_len and batch_size must be positive but are "
                      f"{source_len}, {target_len} and {batch_size}.")
-  source_tokenizer = source_tokenizer or tokenizer
+  source_tokenizer = source_tokenizer or source_side(tokenizer)
   records, identity = open_split(data_config, split)
   if not records:
     raise ValueError(f"Split {split!r} of {identity} has no pairs; add records, raise "

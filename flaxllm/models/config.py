@@ -20,6 +20,8 @@ class ModelConfig:
   # Architecture.
   arch: str = 'decoder'                 # 'decoder' (GPT-2, LLaMA) | 'encoder_decoder' (Vaswani)
   vocab_size: int = 32000
+  source_vocab_size: Optional[int] = None  # encoder_decoder: a separate source vocabulary and
+  #                                          embedding (None: one embedding for both sides)
   d_model: int = 4096                   # residual width ('embed')
   num_layers: int = 32                  # decoder layers (and encoder layers for encoder_decoder)
   num_encoder_layers: Optional[int] = None  # encoder_decoder only; defaults to num_layers
@@ -105,6 +107,11 @@ class ModelConfig:
       missing = [k for k in needed[kind] if k not in self.rope_scaling]
       if missing:
         raise ConfigError(f'model.rope_scaling of type {kind!r} is missing {missing}.')
+    if self.source_vocab_size is not None and (self.arch != 'encoder_decoder' or
+                                               self.source_vocab_size <= 0):
+      raise ConfigError(f'model.source_vocab_size={self.source_vocab_size} is for the source '
+                        "side of model.arch='encoder_decoder' models and must be positive; "
+                        'leave it unset for one shared vocabulary.')
     if self.arch == 'encoder_decoder' and self.position == 'rope':
       raise ConfigError("model.arch='encoder_decoder' uses absolute positions; set "
                         "model.position to 'sinusoidal' or 'learned'.")

@@ -54,7 +54,7 @@ def param_count(cfg: ModelConfig) -> dict:
     other += n * o
   if cfg.norm_position == 'pre':
     other += _norm_params(cfg) * len(layers)
-  token_embed = cfg.vocab_size * cfg.d_model
+  token_embed = (cfg.vocab_size + (cfg.source_vocab_size or 0)) * cfg.d_model
   head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
   pos_table = cfg.max_seq_len * cfg.d_model if cfg.position == 'learned' else 0
   total = matmul + other + token_embed + head + pos_table

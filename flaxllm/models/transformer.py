@@ -175,7 +175,8 @@ class Decoder(_Embedded):
 
 class EncoderDecoder(_Embedded):
   """The original Transformer: a bidirectional encoder and a causal decoder with
-  cross-attention, sharing one token embedding.
+  cross-attention, sharing one token embedding (or, with `source_vocab_size`, the encoder
+  embeds the source with its own `source_embed`).
 
   (src [batch, src_seq], tgt [batch, tgt_seq]) -> logits [batch, tgt_seq, vocab]; segment ids
   (0 = padding) and positions default as in `Decoder`. Public seams: `encode` (source ->
@@ -188,6 +189,9 @@ class EncoderDecoder(_Embedded):
   def setup(self):
     cfg = self.cfg
     self.setup_embeddings()
+    self.source_embed = (None if cfg.source_vocab_size is None else
+                         embed(cfg, cfg.source_vocab_size, ('vocab', 'embed'),
+                               name='source_embed'))
     self.encoder = Stack(cfg, cfg.encoder_layers, causal=False,
                          deterministic=self.deterministic, name='encoder')
     self.decoder = Stack(cfg, cfg.num_layers, causal=True, cross_attention=True,
@@ -201,7 +205,9 @@ class EncoderDecoder(_Embedded):
   def encode(self, src, src_segment_ids=None, src_positions=None):
     """Encoded source [batch, src_seq, embed]."""
     src_positions = default_positions(src, src_positions)
-    return self.encoder(self.embed_tokens(src, src_positions), src_positions, src_segment_ids)
+    token_embed = self.embed if self.source_embed is None else self.source_embed
+    x = embed_inputs(self.cfg, token_embed, self.pos_embed, self.dropout, src, src_positions)
+    return self.encoder(x, src_positions, src_segment_ids)
 
   def decode_logits(self, tgt, encoded, src_segment_ids=None, tgt_segment_ids=None,
                     tgt_positions=None):

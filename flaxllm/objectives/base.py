@@ -92,10 +92,10 @@ class Objective:
                         'another objective.')
 
   @classmethod
-  def tokenizer_corpus(cls, config):
-    """What a sentencepiece tokenizer is trained on when the run trains one (a data config or
-    a list of texts; `flaxllm.data.tokenizer.get_tokenizer`)."""
-    return config.data
+  def load_tokenizer(cls, workdir: str, config, reuse: bool):
+    """The run's tokenizer, kept in `workdir` (`flaxllm.rundir.run_tokenizer`; a sentencepiece
+    model is trained on the train split of `config.data` unless tokenizer.model_path is set)."""
+    return rundir.run_tokenizer(workdir, config.tokenizer, config.data, reuse)
 
   def check(self, tokenizer) -> None:
     """Checks that need the run's tokenizer (e.g. a teacher's), before compiling."""

@@ -48,8 +48,9 @@ def check_config(config) -> None:
   cls.check_section(config)
   for other in REGISTRY.values():
     if other.section and other.section != cls.section:
+      plain = lambda v: json.dumps(v.to_dict() if hasattr(v, 'to_dict') else v, sort_keys=True)
       changed = sorted(k for k, v in other.config_section().items()
-                       if json.dumps(config[other.section][k]) != json.dumps(v))
+                       if plain(config[other.section][k]) != plain(v))
       if changed:
         raise ConfigError(f'{other.section}.{changed[0]} is set but objective='
                           f'{config.objective!r} does not use it; set --config.objective='

@@ -8,13 +8,16 @@ with label smoothing (`seq2seq.label_smoothing`, 0.1 in the paper); `loss` / `va
 the plain cross-entropy. Pairs come from `flaxllm.data.seq2seq` (JSONL records with
 `data.source_key` / `data.target_key`, or a built-in task generated from the standard library,
 `data.source='stdlib_pairs'`), one pair per row: sources of `seq2seq.source_len` positions,
-targets of `seq_len`. One tokenizer (`config.tokenizer`) encodes both sides and the model
-shares one embedding between encoder, decoder and output head, as the paper does.
+targets of `seq_len`. With `seq2seq.shared_vocab` (the paper's setting) one tokenizer
+(`config.tokenizer`, trained on both sides) encodes both and the model shares one embedding
+between encoder, decoder and output head; otherwise the source side has its own tokenizer
+(`seq2seq.source_tokenizer`, kept in the workdir as `source_tokenizer.*`) and embedding
+(`model.source_vocab_size`).
 
 Validation also decodes the first `seq2seq.eval_pairs` validation pairs (beam search with
 `seq2seq.num_beams` and `length_penalty`, greedy with one beam) and reports `exact_match` (the
-share of outputs equal to the target text) and corpus `bleu` (sacreBLEU, its default 13a
-tokenisation).
+share of outputs equal to the target text), corpus `bleu` (sacreBLEU, its default 13a
+tokenisation) and `chrf` (sacreBLEU's character n-gram F-score).
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ import sacrebleu
 from ml_collections import ConfigDict
 
 from flaxllm import generate as generate_lib
+from flaxllm import rundir
 from flaxllm.data import seq2seq as seq2seq_data
+from flaxllm.data import tokenizer as tokenizer_lib
 from flaxllm.models import losses
 from flaxllm.models.config import ConfigError
 from flaxllm.objectives import base
@@ -36,6 +41,8 @@ def config_section() -> ConfigDict:
   """`config.seq2seq` (objective='seq2seq')."""
   c = ConfigDict()
   c.source_len = 64                # source positions per row (targets: config.seq_len)
+  c.shared_vocab = True            # one tokenizer and embedding for both sides (the paper's)
+  c.source_tokenizer = tokenizer_lib.config_section()   # the source side's, if not shared
   c.label_smoothing = 0.1          # of the trained cross-entropy (Vaswani et al. 2017: 0.1)
   c.eval_pairs = 256               # validation pairs decoded for exact match and BLEU (0: none)
   c.eval_batch = 64                # pairs decoded at once (one compiled shape)
@@ -99,13 +106,34 @@ class Seq2Seq(base.Objective):
     require(1 <= s.num_beams <= config.model.vocab_size,
             f'seq2seq.num_beams={s.num_beams} must be between 1 (greedy) and the vocabulary '
             f'size {config.model.vocab_size}; use e.g. 4.')
+    source_vocab = config.model.source_vocab_size
+    if s.shared_vocab:
+      require(source_vocab is None,
+              f'model.source_vocab_size={source_vocab} is set but seq2seq.shared_vocab=True (one '
+              'vocabulary); unset it, or set --config.seq2seq.shared_vocab=False.')
+    else:
+      require(source_vocab is not None,
+              'seq2seq.shared_vocab=False needs the source embedding size; set '
+              '--config.model.source_vocab_size=<at least the source tokenizer\'s vocabulary>.')
+      tokenizer_lib.check_section(s.source_tokenizer, source_vocab)
 
   @classmethod
-  def tokenizer_corpus(cls, config):
-    """Both sides of the training pairs (a tokenizer trained on them encodes both), read only
-    if a tokenizer is trained."""
-    for pair in seq2seq_data.pairs(config.data, 'train'):
-      yield from pair
+  def load_tokenizer(cls, workdir: str, config, reuse: bool):
+    """The target side's tokenizer (trained on both sides with a shared vocabulary), or with
+    separate vocabularies a `PairTokenizer` that also carries the source side's."""
+    shared = config.seq2seq.shared_vocab
+    target = rundir.run_tokenizer(workdir, config.tokenizer, seq2seq_data.side_texts(
+        config.data, 'both' if shared else 'target'), reuse)
+    if shared:
+      return target
+    source = rundir.run_tokenizer(workdir, config.seq2seq.source_tokenizer,
+                                  seq2seq_data.side_texts(config.data, 'source'), reuse,
+                                  stem=rundir.SOURCE_TOKENIZER)
+    try:
+      tokenizer_lib.check_vocab(source, config.model.source_vocab_size)
+    except ValueError as e:
+      raise ConfigError(f'source side: {e}') from e
+    return seq2seq_data.PairTokenizer(target, source)
 
   def check(self, tokenizer) -> None:
     """The pair records have both fields (one sentence naming the file and the field)."""
@@ -138,9 +166,11 @@ class Seq2Seq(base.Objective):
     search or greedy) in batches of `seq2seq.eval_batch` of one shape."""
     s = self.config.seq2seq
     batch = min(s.eval_batch, len(texts))
-    sources = [[*tokenizer.encode(t)[:s.source_len - 1], tokenizer.eos_id] for t in texts]
+    source_tokenizer = seq2seq_data.source_side(tokenizer)
+    sources = [[*source_tokenizer.encode(t)[:s.source_len - 1], source_tokenizer.eos_id]
+               for t in texts]
     kw = dict(max_new_tokens=self.config.seq_len, bos_id=tokenizer.bos_id,
-              stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
+              stop_tokens=(tokenizer.eos_id,), pad_id=source_tokenizer.pad_id,
               pad_to_multiple=s.source_len)
     outputs = []
     for start in range(0, len(sources), batch):
@@ -156,8 +186,9 @@ class Seq2Seq(base.Objective):
     return [tokenizer.decode([t for t in ids if t != tokenizer.eos_id]) for ids in outputs]
 
   def eval_metrics(self, plain_params: Callable[[], Any], tokenizer) -> dict:
-    """`exact_match` and corpus `bleu` (sacreBLEU) of the first `seq2seq.eval_pairs`
-    validation pairs."""
+    """`exact_match`, corpus `bleu` and `chrf` (sacreBLEU) of the first `seq2seq.eval_pairs`
+    validation pairs (BLEU is 0 for one-word outputs, which have no 4-grams: chrF scores
+    those)."""
     n = self.config.seq2seq.eval_pairs
     if not n:
       return {}
@@ -165,8 +196,8 @@ class Seq2Seq(base.Objective):
     hypotheses = self.translate(plain_params(), tokenizer, [src for src, _ in pairs])
     references = [tgt for _, tgt in pairs]
     exact = float(np.mean([h == r for h, r in zip(hypotheses, references)]))
-    bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
-    return {'exact_match': exact, 'bleu': bleu}
+    return {'exact_match': exact, 'bleu': sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            'chrf': sacrebleu.corpus_chrf(hypotheses, [references]).score}
 
   def sample(self, plain_params: Callable[[], Any], tokenizer):
     """`sample.prompt` as a source, and the model's output for it."""

@@ -331,10 +331,9 @@ def train(config, workdir: str, devices=None) -> dict:
 
 
 def run_tokenizer(workdir: str, config, reuse: bool = True) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer (see `rundir.run_tokenizer`), checked against model.vocab_size."""
-  objective_cls = objectives.get(config.objective)
-  tokenizer = rundir.run_tokenizer(workdir, config.tokenizer,
-                                   objective_cls.tokenizer_corpus(config), reuse=reuse)
+  """The run's tokenizer (the objective's `load_tokenizer`), checked against
+  model.vocab_size."""
+  tokenizer = objectives.get(config.objective).load_tokenizer(workdir, config, reuse)
   try:
     tokenizer_lib.check_vocab(tokenizer, config.model.vocab_size)
   except ValueError as e:
