@@ -37,7 +37,7 @@ from flaxllm import rundir
 from flaxllm.data import corpus, pipeline
 from flaxllm.data import tokenizer as tokenizer_lib
 from flaxllm.models import config as model_config
-from flaxllm.models.config import ConfigError, ModelConfig
+from flaxllm.models.config import ConfigError, ModelConfig, require
 from flaxllm.objectives import base as objective_base
 from flaxllm.objectives import registry as objectives
 from flaxllm.parallel import axis_rules, mesh as mesh_lib
@@ -258,11 +258,6 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
 
 # ----------------------------------------------------------------------------- validation
 
-def _require(ok: bool, message: str):
-  if not ok:
-    raise ConfigError(message)
-
-
 def validate(config: ConfigDict) -> ConfigDict:
   """Checks every value the trainer uses; raises a one-sentence ConfigError naming key and fix."""
   known = {k for k, _ in flat_items(base_config())}
@@ -283,7 +278,7 @@ def validate(config: ConfigDict) -> ConfigDict:
       value = _get(config, key)
       ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
           value >= 0 if allow_zero else value > 0) and math.isfinite(value)
-      _require(ok, f'{key} must be {"non-negative" if allow_zero else "positive"}, got '
+      require(ok, f'{key} must be {"non-negative" if allow_zero else "positive"}, got '
                    f'{value!r}; set --config.{key}=<number>.')
 
   positive('total_steps', 'batch_size', 'seq_len', 'optim.lr', 'optim.accum_steps',
@@ -291,13 +286,13 @@ def validate(config: ConfigDict) -> ConfigDict:
   positive('optim.weight_decay', 'optim.grad_clip', 'optim.eps', 'schedule.warmup_steps',
            'z_loss', 'loss_chunk_size', 'eval_every', 'peak_flops', 'sample.max_new_tokens',
            'sample.temperature', 'sample.top_k', allow_zero=True)
-  _require(0 <= config.seed < 2**31, f'seed={config.seed} must be in [0, 2**31); pick another.')
+  require(0 <= config.seed < 2**31, f'seed={config.seed} must be in [0, 2**31); pick another.')
   if model.position == 'learned':
-    _require(config.seq_len <= model.max_seq_len,
+    require(config.seq_len <= model.max_seq_len,
              f'seq_len={config.seq_len} exceeds model.max_seq_len={model.max_seq_len} (learned '
              'positions); lower seq_len or raise model.max_seq_len.')
   if config.init_from:
-    _require(os.path.isdir(os.path.expanduser(config.init_from)),
+    require(os.path.isdir(os.path.expanduser(config.init_from)),
              f'init_from={config.init_from!r} is not a directory; point it at a flaxllm workdir, '
              "model directory or Hugging Face directory, or set it to ''.")
   try:  # each section's owner checks it

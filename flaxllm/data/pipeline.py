@@ -36,7 +36,7 @@ from flaxllm.data import instruct as instruct_lib
 from flaxllm.data import tasks as tasks_lib
 from flaxllm.data.corpus import data_get
 from flaxllm.data.tokenizer import Tokenizer
-from flaxllm.models.config import ConfigError
+from flaxllm.models.config import require
 
 FEATURES = ("inputs", "targets", "loss_mask")
 STATE_VERSION = 1
@@ -100,10 +100,6 @@ def open_split(data_config: Any, split: str):
 def check_section(data: Any, tokenizer: Any) -> None:
   """``ConfigError`` (one sentence naming the key and the fix) for a ``config.data`` that
   cannot work with ``config.tokenizer``; run before anything is built."""
-  def require(ok: bool, message: str):
-    if not ok:
-      raise ConfigError(message)
-
   require(data.source in SOURCES, f"data.source={data.source!r} is not known; choose one of {tuple(SOURCES)}.")
   if data.source == "text":
     require(bool(data.path), "data.source='text' needs data.path; set --config.data.path=/path/to/text/files.")
@@ -289,6 +285,26 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def record_stream(records, data_config: Any, split: str, *, seed: int, num_epochs: int | None, process_index: int,
+                  process_count: int) -> tuple[grain.MapDataset, bool, int | None]:
+  """``(dataset, shuffle, num_epochs)``: the records of ``split`` as this process reads them:
+  the train split globally shuffled with ``seed`` (``data.shuffle``) and reshuffled every epoch,
+  repeated ``num_epochs`` times (None: forever for train, once for the other splits), then this
+  process's share (every ``process_count``-th record from ``process_index``)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+  train = split == "train"
+  shuffle = bool(train and data_get(data_config, "shuffle"))
+  if num_epochs is None and not train:
+    num_epochs = 1
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be None (forever) or >= 1 but is {num_epochs}.")
+  ds = grain.MapDataset.source(records)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  return ds.repeat(num_epochs)[process_index::process_count], shuffle, num_epochs
+
+
 def make_iterator(
     data_config: Any,
     tokenizer: Tokenizer,
@@ -329,25 +345,14 @@ def make_iterator(
   """
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len and batch_size must be positive but are {seq_len} and {batch_size}.")
-  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count)
   source, identity = open_split(data_config, split)
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of {identity} is empty; use a split with documents.")
-  train = split == "train"
-  shuffle = bool(train and data_get(data_config, "shuffle"))
-  if num_epochs is None and not train:
-    num_epochs = 1
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs must be None (forever) or >= 1 but is {num_epochs}.")
+  ds, shuffle, num_epochs = record_stream(source, data_config, split, seed=seed, num_epochs=num_epochs,
+                                          process_index=process_index, process_count=process_count)
   packing = data_get(data_config, "packing")
   workers = int(data_get(data_config, "worker_count"))
   pad_id = tokenizer.pad_id
-
-  ds = grain.MapDataset.source(source)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
-  ds = ds[shard.shard_index :: shard.shard_count]
   fmt = data_get(data_config, "format")
   if fmt not in DOCUMENT_FORMATS:
     raise ValueError(f"Unknown data.format {fmt!r}; use one of {sorted(DOCUMENT_FORMATS)}.")

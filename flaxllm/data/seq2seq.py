@@ -280,18 +280,10 @@ def make_pair_iterator(
   if not records:
     raise ValueError(f"Split {split!r} of {identity} has no pairs; add records, raise "
                      "data.max_files or change data.val_fraction.")
-  train = split == "train"
-  shuffle = bool(train and data_get(data_config, "shuffle"))
-  if num_epochs is None and not train:
-    num_epochs = 1
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs must be None (forever) or >= 1 but is {num_epochs}.")
+  ds, shuffle, num_epochs = pipeline_lib.record_stream(
+      records, data_config, split, seed=seed, num_epochs=num_epochs,
+      process_index=process_index, process_count=process_count)
   source_key, target_key = _keys(data_config)
-
-  ds = grain.MapDataset.source(records)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)[process_index::process_count]
   ds = ds.map(_PairToExample(tokenizer, source_tokenizer, source_key, target_key, source_len,
                              target_len))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))

@@ -12,7 +12,13 @@ from ml_collections import ConfigDict, config_dict
 
 
 class ConfigError(ValueError):
-  """A model configuration that cannot work; the message names the field and the fix."""
+  """A configuration that cannot work; the message names the key and the fix."""
+
+
+def require(ok: bool, message: str) -> None:
+  """ConfigError(`message`) unless `ok`: how every config section states its checks."""
+  if not ok:
+    raise ConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ from ml_collections import ConfigDict
 from flaxllm import rundir
 from flaxllm.interop import hf
 from flaxllm.interop import peft as peft_io
-from flaxllm.models.config import ConfigError
+from flaxllm.models.config import ConfigError, require
 from flaxllm.peft import lora
 from flaxllm.peft import path_rules
 from flaxllm.peft import quant as quant_lib
@@ -59,9 +59,6 @@ def config_section() -> ConfigDict:
 def check_section(f) -> None:
   """ConfigError (one sentence) for a `config.finetune` that cannot work; rules are checked
   against the model's params when the trainer builds its programs."""
-  def require(ok, message):
-    if not ok:
-      raise ConfigError(message)
   require(f.method in METHODS, f'finetune.method={f.method!r} is not known; choose one of '
                                f'{tuple(METHODS)}.')
   if f.method == 'freeze':

@@ -33,7 +33,7 @@ from flaxllm import rundir
 from flaxllm.data import seq2seq as seq2seq_data
 from flaxllm.data import tokenizer as tokenizer_lib
 from flaxllm.models import losses
-from flaxllm.models.config import ConfigError
+from flaxllm.models.config import ConfigError, require
 from flaxllm.objectives import base
 
 
@@ -84,10 +84,6 @@ class Seq2Seq(base.Objective):
   def check_section(cls, config) -> None:
     super().check_section(config)
     s = config.seq2seq
-
-    def require(ok, message):
-      if not ok:
-        raise ConfigError(message)
     require(config.data.source in seq2seq_data.SOURCES,
             f"objective='seq2seq' trains on (source, target) pairs but data.source="
             f"{config.data.source!r}; use one of {seq2seq_data.SOURCES} (JSONL pairs in "

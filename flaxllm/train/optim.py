@@ -17,7 +17,7 @@ import optax
 from ml_collections import ConfigDict
 
 from flaxllm.models import params as params_lib
-from flaxllm.models.config import ConfigError
+from flaxllm.models.config import ConfigError, require
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -144,10 +144,6 @@ def check_sections(config) -> None:
   """ConfigError (one sentence) for `config.optim` / `config.schedule` values that cannot work
   (positivity of the numbers is checked with the run's keys)."""
   o, s = config.optim, config.schedule
-
-  def require(ok, message):
-    if not ok:
-      raise ConfigError(message)
   require(o.name in OPTIMIZERS, f'optim.name={o.name!r} is not a known optimizer; choose one of '
                                 f'{tuple(OPTIMIZERS)}.')
   require(s.name in SCHEDULES, f'schedule.name={s.name!r} is not a known schedule; choose one '

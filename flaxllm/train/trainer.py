@@ -2,10 +2,10 @@
 
     summary = train(config, workdir)      # config: a validated ConfigDict (flaxllm.config)
 
-Sections: 1 workdir and config, 2 tokenizer, 3 the objective, mesh and programs, 4 state (resume
-or init) and frozen trees, 5 data, 6 the loop (step, log, eval, checkpoint, preemption), 7 the
-end (final eval, loss curve, exports, sample). Running it again on the same workdir resumes from
-the newest checkpoint (params, optimizer, rng AND data iterator), or reports that the run is
+Sections: 1 workdir and config, 2 tokenizer and the objective's checks, 3 mesh and programs, 4 state
+(resume or init) and frozen trees, 5 data, 6 the loop (step, log, eval, checkpoint, preemption), 7
+the end (final eval, loss curve, exports, sample). Running it again on the same workdir resumes
+from the newest checkpoint (params, optimizer, rng AND data iterator), or reports that the run is
 complete.
 
 What is trained, what stays frozen, the loss, the data layout and what is exported all come
@@ -59,7 +59,7 @@ class Programs(NamedTuple):
   tx: Any                    # optax.GradientTransformation (of the trainable tree)
   abstract_params: Any       # the model's full params: ShapeDtypeStructs with shardings
   abstract_state: Any        # TrainState of ShapeDtypeStructs with shardings (restore target)
-  abstract_frozen: dict      # the frozen trees of `split` (e.g. a LoRA base) with shardings
+  abstract_frozen: dict      # the frozen trees of `split` (ShapeDtypeStructs with shardings)
   init_params: Callable      # rng -> the model's full params (random init)
   split: Callable            # (params, rng) -> (trainable, frozen dict); params donated
   init: Callable             # (trainable, rng) -> TrainState (trainable is donated)
@@ -173,14 +173,14 @@ def train(config, workdir: str, devices=None) -> dict:
 
     # ---- 2. Tokenizer (kept in the workdir); the objective's checks that need it ----------
     tokenizer = run_tokenizer(workdir, config, reuse=resuming)
-    objectives.from_config(config).check(tokenizer)   # e.g. a teacher, the pair records
+    objectives.from_config(config).check(tokenizer)   # what needs the tokenizer and data
 
     # ---- 3. Mesh and programs (every sharding checked before compiling) -------------------
     mesh = parallel.make_mesh(config.mesh, devices)
     programs = build_programs(config, mesh)
     objective = programs.objective
 
-    # ---- 4. State: resume or initialise; the frozen trees (base, teacher) ---------------------
+    # ---- 4. State: resume or initialise; the frozen trees ---------------------------------
     restored = checkpoints.restore_latest(programs.abstract_state) if resuming else None
     loaded = objective.load_frozen(mesh, programs.rules)
     trainable, frozen = None, {}
@@ -217,7 +217,7 @@ def train(config, workdir: str, devices=None) -> dict:
     val_iter = feed.iterator('validation')
     closing.callback(val_iter.close)
     val_start = val_iter.get_state()
-    batch_hook = objective.batch_hook(  # e.g. offline teacher logits, on-policy samples
+    batch_hook = objective.batch_hook(  # per-step host work of the objective, if any
         tokenizer, feed.rows if jax.process_count() > 1 else slice(None))
 
     def validate() -> dict:
@@ -343,7 +343,7 @@ def run_tokenizer(workdir: str, config, reuse: bool = True) -> tokenizer_lib.Tok
 
 def start_params(config, programs: Programs, loaded: dict):
   """(trainable, frozen) at step 0: the params of `config.init_from` or a random init, made
-  ready by the objective (`initial_params`, e.g. layers copied from a teacher in `loaded`),
+  ready by the objective (`initial_params`, which may use the frozen trees in `loaded`),
   then split. The frozen trees are the same every time, so checkpoints hold only the
   trainable tree."""
   params_rng = seed_rngs(config)[0]

@@ -36,7 +36,7 @@ from ml_collections import ConfigDict
 
 from flaxllm import models, parallel, rundir
 from flaxllm.models import split as split_lib
-from flaxllm.models.config import ConfigError, ModelConfig
+from flaxllm.models.config import ConfigError, ModelConfig, require
 from flaxllm.objectives import base, lm
 from flaxllm.objectives.distill import divergences, offline, onpolicy
 from flaxllm.objectives.distill import teacher as teacher_lib
@@ -171,10 +171,6 @@ class Distillation(lm.LanguageModel):
   def check_section(cls, config) -> None:
     super().check_section(config)
     d = config.distill
-
-    def require(ok, message):
-      if not ok:
-        raise ConfigError(message)
     require(bool(d.teacher or d.offline_logits),
             "objective='distill' needs a teacher; set --config.distill.teacher=<a flaxllm "
             'workdir or model directory> or --config.distill.offline_logits=<dir>.')
