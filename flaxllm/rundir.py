@@ -12,6 +12,9 @@ A run directory (`flaxllm train --workdir=W`):
     W/metrics.jsonl, W/loss_curve.png, W/wandb_id.txt     (flaxllm.train.metrics)
     W/model/                 the exported model: a flaxllm model directory + tokenizer
     W/adapter/               a LoRA run's adapter in Hugging Face PEFT format
+    W/.flaxllm_run           the marker: this directory is a flaxllm run (MARKER_FILE)
+    W/.flaxllm.lock          the lock of the one process writing the run (WorkdirLock)
+    W/point.json, W/train.log    a sweep point's status and log (flaxllm.sweeps)
 
 A flaxllm model directory (`flaxllm convert --to=D`, or W/model): model_config.json + params/
 (`flaxllm.interop.native`), tokenizer.model if any. A Hugging Face directory: config.json with
@@ -24,13 +27,18 @@ A flaxllm model directory (`flaxllm convert --to=D`, or W/model): model_config.j
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
+import threading
 import time
+import uuid
+import zlib
 from typing import Any, Optional
 
 import jax
@@ -56,7 +64,19 @@ LOSS_CURVE = 'loss_curve.png'
 WANDB_ID_FILE = 'wandb_id.txt'
 MODEL_DIR = 'model'
 ADAPTER_DIR = 'adapter'
+MARKER_FILE = '.flaxllm_run'
+LOCK_FILE = '.flaxllm.lock'
+SWEEP_POINT_FILE = 'point.json'
+SWEEP_LOG_FILE = 'train.log'
+CHECKSUM_FILE = 'flaxllm_checksums.json'   # in each checkpoint step directory
 MODEL_KEY = 'model'   # the model's part of a train state's (objective-namespaced) params
+# Everything flaxllm writes into a workdir (a workdir holding anything else is not a run).
+RUN_FILES = frozenset({
+    CONFIG_FILE, *(f'{stem}{ext}' for stem in (TOKENIZER, SOURCE_TOKENIZER)
+                   for ext in ('.model', '.json')),
+    CHECKPOINT_DIR, CORRUPT_DIR, METRICS_FILE, 'metrics.discarded.jsonl', LOSS_CURVE,
+    WANDB_ID_FILE, 'wandb', MODEL_DIR, ADAPTER_DIR, MARKER_FILE, LOCK_FILE, SWEEP_POINT_FILE,
+    SWEEP_LOG_FILE})
 
 KINDS = ('workdir', 'flaxllm_model', 'hf')
 
@@ -85,7 +105,8 @@ def read_json(path: str) -> dict:
 # ----------------------------------------------------------------------------- the workdir
 
 def prepare_workdir(workdir: str) -> str:
-  """Creates `workdir` and checks that it is writable; returns its absolute path."""
+  """Creates `workdir` and checks that it is writable and that it is a flaxllm run (empty, or
+  holding only what flaxllm writes); returns its absolute path. Marks it as a run."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -96,7 +117,167 @@ def prepare_workdir(workdir: str) -> str:
   except OSError as e:
     raise RunDirError(f'workdir {workdir} is not writable ({e.strerror or e}); choose a '
                       'writable --workdir.') from e
+  check_is_run(workdir)
+  marker = os.path.join(workdir, MARKER_FILE)
+  if jax.process_index() == 0 and not os.path.exists(marker):
+    write_atomic(marker, json.dumps({'flaxllm_run': 1}) + '\n')
   return workdir
+
+
+def check_is_run(workdir: str):
+  """RunDirError unless `workdir` is empty, marked as a flaxllm run, or holds only files that
+  flaxllm writes (a run of an earlier version, a sweep point made ready) with a flaxllm
+  config.json: a training run never writes into another program's directory."""
+  if os.path.exists(os.path.join(workdir, MARKER_FILE)):
+    return
+  foreign = sorted(n for n in os.listdir(workdir) if n not in RUN_FILES and
+                   not n.startswith('.write_test'))
+  stored = os.path.join(workdir, CONFIG_FILE)
+  if not foreign and os.path.exists(stored):
+    try:
+      ours = {'model', 'optim', 'data'} <= set(read_json(stored))
+    except (OSError, ValueError):
+      ours = False
+    foreign = [] if ours else [CONFIG_FILE]
+  if foreign:
+    raise RunDirError(f'--workdir {workdir} holds files that are not a flaxllm run (e.g. '
+                      f'{foreign[0]}); training would overwrite them, so choose an empty or '
+                      'new --workdir.')
+
+
+class WorkdirLock:
+  """One writer per workdir: `<workdir>/.flaxllm.lock`, created exclusively, names its holder
+  (host, pid, process start, time); a heartbeat refreshes it every HEARTBEAT_S seconds.
+
+  A second writer is refused with one sentence naming the holder. A lock left by a dead holder
+  is taken over: on the same host when its pid no longer runs (or now belongs to a process
+  started later: a reused pid), on another host when its heartbeat is older than STALE_S
+  seconds. Read-only commands (eval, generate) take no lock; a multi-process run takes one,
+  on process 0 (the trainer agrees on the outcome across processes)."""
+  HEARTBEAT_S = 10.0
+  STALE_S = 120.0
+
+  def __init__(self, workdir: str):
+    self.workdir = os.path.abspath(workdir)
+    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self.info = None
+    self._stop = threading.Event()
+    self._thread = None
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+    return False
+
+  def acquire(self):
+    for _ in range(5):
+      info = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': _process_start(
+          os.getpid()), 'time': time.time(), 'token': uuid.uuid4().hex}
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = lock_holder(self.workdir)
+        if holder is not None:
+          since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('time', 0)))
+          raise RunDirError(
+              f'{self.workdir} is in use by another flaxllm process (pid '
+              f'{holder.get("pid", "?")} on {holder.get("host", "?")}, since {since}); wait for '
+              'it to finish or stop it, or use another --workdir.') from None
+        self._take_over()
+        continue
+      with os.fdopen(fd, 'w') as f:
+        json.dump(info, f)
+      self.info = info
+      self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+      self._thread.start()
+      return
+    raise RunDirError(f'could not lock {self.workdir} (other processes keep taking its lock); '
+                      'make sure one flaxllm process trains in it, then run again.')
+
+  def _take_over(self):
+    """Moves a dead holder's lock out of the way (atomic rename: one of several racing takers
+    wins; a lock that became live meanwhile is put back)."""
+    stale = f'{self.path}.stale-{uuid.uuid4().hex}'
+    try:
+      before = _read_lock(self.path)
+      os.rename(self.path, stale)
+    except FileNotFoundError:
+      return
+    moved = _read_lock(stale)
+    if moved is not None and before is not None and moved.get('token') != before.get('token'):
+      with contextlib.suppress(FileExistsError):  # a fresh lock taken meanwhile: put it back
+        os.link(stale, self.path)
+    log.warning('Took over the lock of %s left by pid %s on %s (no longer running).',
+                self.workdir, (moved or {}).get('pid'), (moved or {}).get('host'))
+    os.remove(stale)
+
+  def _heartbeat(self):
+    while not self._stop.wait(self.HEARTBEAT_S):
+      with contextlib.suppress(OSError):
+        os.utime(self.path)
+
+  def release(self):
+    if self.info is None:
+      return
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    held = _read_lock(self.path)
+    if held is not None and held.get('token') == self.info['token']:
+      os.remove(self.path)
+    self.info = None
+
+
+def lock_holder(workdir: str) -> Optional[dict]:
+  """The live holder of `workdir`'s lock ({'host', 'pid', 'started', 'time'}), or None when
+  it is unlocked or its holder is gone."""
+  path = os.path.join(workdir, LOCK_FILE)
+  info = _read_lock(path)
+  if info is None:
+    return None
+  if info.get('host') == socket.gethostname():
+    pid = info.get('pid')
+    alive = isinstance(pid, int) and _process_start(pid) is not None
+    if alive and info.get('started') is not None:
+      alive = _process_start(pid) == info['started']   # not a reused pid
+    return info if alive else None
+  try:
+    fresh = time.time() - os.path.getmtime(path) < WorkdirLock.STALE_S
+  except OSError:
+    return None
+  return info if fresh else None
+
+
+def _read_lock(path: str) -> Optional[dict]:
+  try:
+    with open(path) as f:
+      info = json.load(f)
+    return info if isinstance(info, dict) else {}
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return {}   # being written, or damaged: a holder we cannot name, treated as stale
+
+
+def _process_start(pid: int) -> Optional[str]:
+  """When process `pid` started (from /proc; elsewhere its existence), or None if it does not
+  run."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]
+  except FileNotFoundError:
+    return None
+  except OSError:
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return None
+    except PermissionError:
+      pass
+    return 'unknown'
 
 
 def stored_config_json(workdir: str) -> Optional[str]:
@@ -192,22 +373,33 @@ class Checkpoints:
 
   Saves are asynchronous (training continues while arrays are written) and atomic: orbax writes
   to a temporary directory and renames it when complete, so a crash mid-save leaves the
-  previous checkpoints untouched. A latest checkpoint that cannot be read is moved aside to
-  `<workdir>/checkpoints_corrupt/` (never deleted) and the previous one is used; a checkpoint
-  whose structure does not match the run (another model or objective) is an error, and
-  nothing is moved.
+  previous checkpoints untouched. Once a save is complete, a CRC32 of every file goes into its
+  `flaxllm_checksums.json`. Restoring tells three cases apart:
+    * a checkpoint of another structure (model, objective, fine-tuning method): one-sentence
+      RunDirError, nothing moved;
+    * a damaged one (a file that does not match its checksum, or NaN/inf in the state): moved
+      to `<workdir>/checkpoints_corrupt/` (never deleted; named in the output) and the
+      previous checkpoint is used;
+    * one that cannot be read though it is intact or cannot be verified (a transient I/O
+      error): retried, then a one-sentence RunDirError; nothing moved.
+  With `read_only` (eval, generate, another process looking in) nothing is ever written,
+  cleaned up or moved.
   """
+  READ_ATTEMPTS = 3
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=async_save, read_only=read_only)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': ocp.JsonCheckpointHandler()})
+    self._pending = None   # the step of a save that may still be in flight
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -217,19 +409,45 @@ class Checkpoints:
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
     """Starts an asynchronous save of `state` and `data_state` at `step` (a no-op if a
-    checkpoint of this step exists)."""
+    checkpoint of this step exists); the previous save is completed and checksummed first."""
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state)),
-                      force=True)
+    self.wait()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      data=ocp.args.JsonSave(data_state)),
+                        force=True)
+    except Exception as e:  # pylint: disable=broad-except -- storage errors of many types
+      raise self._save_failed(step, e) from None
+    self._pending = step
+
+  def wait(self) -> None:
+    """Completes a save in flight and records its checksums (a failed save: RunDirError)."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except -- storage errors of many types
+      raise self._save_failed(step, e) from None
+    if jax.process_index() == 0:
+      directory = os.path.join(self.directory, str(step))
+      write_atomic(os.path.join(directory, CHECKSUM_FILE), json.dumps(_checksums(directory)))
+
+  def _save_failed(self, step: int, error: Exception) -> RunDirError:
+    done = [s for s in self.manager.all_steps() if s != step]
+    safe = f'step {max(done)}' if done else 'none yet'
+    return RunDirError(f'saving checkpoint {step} in {self.directory} failed '
+                       f'({_first_line(error)}); the newest complete checkpoint is {safe}; free '
+                       'disk space (or fix the storage) and run the same command to resume.')
 
   def check_structure(self, step: int, abstract_state: Any):
-    """RunDirError when checkpoint `step` holds another tree than `abstract_state` (names and
-    shapes), read from its metadata only; an unreadable metadata is left to `restore`."""
+    """RunDirError when checkpoint `step` holds another tree than `abstract_state` (names,
+    shapes and dtypes), read from its metadata only; an unreadable metadata is left to
+    `restore`."""
     try:
       stored = self.manager.item_metadata(step)['state']
-    except Exception:  # pylint: disable=broad-except -- unreadable: corruption, see restore
+    except Exception:  # pylint: disable=broad-except -- unreadable: see restore_latest
       return
     stored = getattr(stored, 'tree', stored)
     if not stored:
@@ -242,57 +460,127 @@ class Checkpoints:
           'method, or an older flaxllm; resume with the settings it was trained with, or use '
           'a new --workdir.')
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """(state, data_state) of `step`; `abstract_state` gives shapes, dtypes and shardings."""
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return out.state, out.data
-
-  def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
-    """(step, state, data_state) of the newest readable checkpoint, or None if there is none.
-
-    A checkpoint that fails to restore is moved to `checkpoints_corrupt/` with a warning and
-    the next older one is tried; one of another structure raises RunDirError (nothing moved).
-    """
-    for step in reversed(self.steps()):
-      self.check_structure(step, abstract_state)
-      try:
-        state, data_state = self.restore(step, abstract_state)
-        return step, state, data_state
-      except Exception as e:  # orbax/tensorstore raise many types.  pylint: disable=broad-except
-        moved = self._move_aside(step)
-        log.warning('Checkpoint %d in %s cannot be restored (%s: %s); moved it to %s and '
-                    'falling back to the previous checkpoint.', step, self.directory,
-                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '', moved)
+  def damage(self, step: int) -> Optional[str]:
+    """Why checkpoint `step` is damaged (a file missing or not matching its recorded
+    checksum), or None when it is intact or was saved without checksums."""
+    directory = os.path.join(self.directory, str(step))
+    path = os.path.join(directory, CHECKSUM_FILE)
+    if not os.path.exists(path):
+      return None
+    try:
+      recorded = read_json(path)
+    except (OSError, ValueError):
+      return f'its {CHECKSUM_FILE} is unreadable'
+    actual = _checksums(directory)
+    for name, crc in sorted(recorded.items()):
+      if name not in actual:
+        return f'{name} is missing'
+      if actual[name] != crc:
+        return f'{name} does not match its checksum'
     return None
 
-  def _move_aside(self, step: int) -> str:
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """(state, data_state) of `step`; `abstract_state` gives shapes, dtypes and shardings. A
+    checkpoint that does not fit, is damaged or cannot be read is a one-sentence RunDirError
+    (nothing moved)."""
+    self.check_structure(step, abstract_state)
+    problem = self.damage(step)
+    if problem:
+      raise RunDirError(f'checkpoint {step} in {self.directory} is damaged ({problem}); use '
+                        'another step.')
+    return self._read(step, abstract_state)
+
+  def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    for attempt in range(self.READ_ATTEMPTS):
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return out.state, out.data
+      except Exception as e:  # pylint: disable=broad-except -- orbax/tensorstore raise many types
+        error = e
+        time.sleep(0.5 * (attempt + 1))
+    verified = os.path.exists(os.path.join(self.directory, str(step), CHECKSUM_FILE))
+    files = ('match their checksums' if verified else
+             'cannot be verified (it was saved without checksums)')
+    raise RunDirError(
+        f'checkpoint {step} in {self.directory} could not be read after {self.READ_ATTEMPTS} '
+        f'attempts ({_first_line(error)}); its files {files}, so nothing was moved: check the '
+        'storage and run again, or move that checkpoint out of checkpoints/ yourself to resume '
+        'from the previous one.')
+
+  def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
+    """(step, state, data_state) of the newest usable checkpoint, or None if there is none:
+    damaged checkpoints are set aside (see the class docstring) and the next older one tried."""
+    for step in reversed(self.steps()):
+      self.check_structure(step, abstract_state)
+      problem = self.damage(step)
+      if problem is None:
+        state, data_state = self._read(step, abstract_state)
+        if bool(all_finite(state)):
+          return step, state, data_state
+        problem = 'NaN or inf in its state'
+      self._set_aside(step, problem)
+    return None
+
+  def _set_aside(self, step: int, problem: str):
     src = os.path.join(self.directory, str(step))
-    dst_root = os.path.join(self.workdir, CORRUPT_DIR)
-    os.makedirs(dst_root, exist_ok=True)
-    dst = os.path.join(dst_root, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    dst = os.path.join(self.workdir, CORRUPT_DIR, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
     if jax.process_index() == 0 and os.path.exists(src):
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
       shutil.move(src, dst)
     self.manager.reload()
-    return dst
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+    message = (f'Checkpoint {step} in {self.directory} cannot be restored: it is damaged '
+               f'({problem}); moved it to {dst} (kept, not deleted) and falling back to the '
+               'previous checkpoint.')
+    log.warning(message)
+    print(message, flush=True)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """Whether every float in `tree` is finite (one device-side reduction)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _checksums(directory: str) -> dict[str, int]:
+  """{relative path: CRC32} of every file under a checkpoint step directory."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      if name == CHECKSUM_FILE:
+        continue
+      path = os.path.join(root, name)
+      crc = 0
+      with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 22), b''):
+          crc = zlib.crc32(chunk, crc)
+      out[os.path.relpath(path, directory)] = crc
+  return out
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return (text.splitlines()[0][:200] if text else '') or type(error).__name__
 
 
 def _shape_signature(tree) -> dict:
-  """{'/'-joined path: shape} of a tree of arrays / ShapeDtypeStructs / orbax metadata."""
+  """{'/'-joined path: (shape, dtype)} of a tree of arrays / ShapeDtypeStructs / orbax
+  metadata."""
   flat = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: hasattr(x, 'shape') and not isinstance(x, dict))[0]
   out = {}
   for path, leaf in flat:
     key = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
                    for k in path)
-    out[key] = tuple(getattr(leaf, 'shape', None) or ())
+    out[key] = (tuple(getattr(leaf, 'shape', None) or ()), str(getattr(leaf, 'dtype', '')))
   return out
 
 

@@ -275,7 +275,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(env, monkeyp
   assert checkpoints.steps() == [10]
   programs = trainer.build_programs(config)
   state, _ = checkpoints.restore(10, programs.abstract_state)
-  assert bool(trainer._all_finite(state))  # pylint: disable=protected-access
+  assert bool(rundir.all_finite(state))
   checkpoints.close()
 
 

@@ -454,7 +454,10 @@ def build_text_corpus(
   config = TextCorpusConfig(
       name=config_name,
       description=f"Text files under {root}",
-      path=path if glob_lib.has_magic(str(path)) else root,
+      # A directory is read from its root; a single file or a glob as given (never the whole
+      # directory of a file: that could put held-out files into training).
+      path=root if os.path.isdir(os.path.expanduser(str(path))) else os.path.abspath(
+          os.path.expanduser(str(path))),
       glob=glob,
       exclude=tuple(exclude),
       val_fraction=float(val_fraction),

@@ -33,14 +33,15 @@ import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 from flaxllm import config as config_lib
+from flaxllm import rundir
 from flaxllm.models.config import ConfigError
 from flaxllm.sweeps import spec as spec_lib
 from flaxllm.train import metrics as metrics_lib
 
 SWEEP_FILE = 'sweep.json'
-POINT_FILE = 'point.json'
+POINT_FILE = rundir.SWEEP_POINT_FILE
 RESULTS_FILE = 'results.jsonl'
-LOG_FILE = 'train.log'
+LOG_FILE = rundir.SWEEP_LOG_FILE
 LOCK_FILE = '.sweep.lock'
 
 
@@ -89,6 +90,7 @@ def load_sweep(spec: str, common: Sequence[str] = ()) -> Sweep:
   names = set()
   for i, point in enumerate(points):
     name = re.sub(r'[^A-Za-z0-9._=+-]', '-', str(point.get('_name') or _default_name(i, point)))
+    name = name.lstrip('.') or f'{i:03d}'   # '..' or '.x' would leave the sweep directory
     if name in names:
       raise ConfigError(f'two sweep points are named {name!r}; give each point a unique _name.')
     names.add(name)
@@ -261,14 +263,23 @@ def run_sweep(sweep: Sweep, sweep_dir: str, *, workers: int = 1, retry_failed: b
   os.makedirs(sweep_dir, exist_ok=True)
   group = group or os.path.basename(sweep_dir)
   with _locked(sweep_dir):
+    before = _read_json(os.path.join(sweep_dir, SWEEP_FILE))
+    if before is not None and before.get('common', []) != list(sweep.common):
+      raise ConfigError(f'the sweep in {sweep_dir} was run with the overrides '
+                        f'{before.get("common", [])} for every point, this one with '
+                        f'{list(sweep.common)}; pass the same ones or use a new --workdir.')
     todo = []
     for point in sweep.points:
-      stored = read_point(os.path.join(sweep_dir, point['_name']))
+      workdir = os.path.join(sweep_dir, point['_name'])
+      stored = read_point(workdir)
       if stored and stored['overrides'] != json.loads(json.dumps(spec_lib.overrides(point))):
         raise ConfigError(f'sweep point {point["_name"]} has different overrides from the run in '
                           f'{sweep_dir}; keep the sweep definition or use a new --workdir.')
       state = (stored or {}).get('status', 'pending')
-      if state == 'complete' or (state == 'failed' and not retry_failed):
+      holder = rundir.lock_holder(workdir)   # e.g. the run of a killed sweep, still saving
+      if holder is not None:
+        echo(f'[{point["_name"]}] still running (pid {holder.get("pid")}), left alone')
+      elif state == 'complete' or (state == 'failed' and not retry_failed):
         echo(f'[{point["_name"]}] {state}, skipped')
       else:
         todo.append(point)

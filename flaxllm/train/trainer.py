@@ -25,7 +25,6 @@ import time
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -128,13 +127,6 @@ def _build_programs(config_json: str, mesh) -> Programs:
       plain_params=objective.plain_params)
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 class _Preemption:
   """SIGTERM (TPU VM preemption, `kill`) sets a flag; the loop saves and exits at the next step."""
 
@@ -164,6 +156,14 @@ def train(config, workdir: str, devices=None) -> dict:
     config = config_lib.validate(config)
     workdir = rundir.prepare_workdir(workdir)
     is_main = jax.process_index() == 0
+    lock_error = None   # one writer per workdir: process 0 holds the lock for the whole run
+    if is_main:
+      try:
+        closing.enter_context(rundir.WorkdirLock(workdir))
+      except rundir.RunDirError as e:
+        lock_error = e
+    if _any_process(lock_error is not None):
+      raise lock_error or TrainError(f'process 0 could not lock {workdir}; see its output.')
     checkpoints = rundir.Checkpoints(workdir, keep=config.keep_ckpts)
     closing.callback(checkpoints.close)  # waits for the last asynchronous save
     resuming = bool(checkpoints.steps())
@@ -276,7 +276,7 @@ def train(config, workdir: str, devices=None) -> dict:
 
     def save(step: int):
       nonlocal last_saved
-      if not bool(_all_finite(state)):
+      if not bool(rundir.all_finite(state)):
         raise TrainError(f'the train state has NaN/inf values at step {step}; not saving it '
                          f'(last good checkpoint: step {last_saved}); lower optim.lr or set '
                          'skip_nonfinite_steps=True.')
@@ -412,7 +412,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None,
   programs, frozen trees and data rows (`flaxllm eval`)."""
   tokenizer = run_tokenizer(workdir, config)
   programs = build_programs(config)
-  checkpoints = rundir.Checkpoints(workdir, keep=config.keep_ckpts)
+  checkpoints = rundir.Checkpoints(workdir, read_only=True)
   try:
     steps = checkpoints.steps()
     if not steps:
@@ -421,7 +421,6 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None,
     step = steps[-1] if step is None else step
     if step not in steps:
       raise ConfigError(f'{workdir} has no checkpoint at step {step}; use one of {steps}.')
-    checkpoints.check_structure(step, programs.abstract_state)
     state, _ = checkpoints.restore(step, programs.abstract_state)
   finally:
     checkpoints.close()
