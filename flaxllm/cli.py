@@ -35,10 +35,25 @@ COMMANDS = {
 
 # ----------------------------------------------------------------------------- shared helpers
 
+class _CheckpointThreadErrors(logging.Filter):
+  """Drops the error logs of orbax's background save threads (and the asyncio futures they
+  leave): flaxllm.rundir reports a failed save once, as one sentence with the step that is
+  safe, instead of hundreds of lines of thread tracebacks."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    from_orbax = f'{os.sep}orbax{os.sep}' in record.pathname
+    unretrieved = record.name == 'asyncio' and 'exception was never retrieved' in record.msg
+    return not (record.levelno >= logging.ERROR and (from_orbax or unretrieved))
+
+
 def quiet_logs():
-  """Warnings and errors only, from Python and absl logging."""
+  """Warnings and errors only, from Python and absl logging (FLAXLLM_DEBUG=1: everything orbax
+  logs too)."""
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
   absl_logging.set_verbosity(absl_logging.WARNING)
+  if not os.environ.get('FLAXLLM_DEBUG'):
+    for handler in logging.getLogger().handlers:
+      handler.addFilter(_CheckpointThreadErrors())
 
 
 def enable_compilation_cache():

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -237,27 +238,36 @@ def _check_settings(model: nn.Module, *, seq2seq: bool, max_new_tokens: int, num
 def _check_positions(cfg: ModelConfig, what: str, length: int):
   """Raises if `length` positions (described by `what`) overflow a learned position table."""
   if cfg.position == 'learned' and length > cfg.max_seq_len:
-    raise ValueError(f'{what} exceeds model.max_seq_len={cfg.max_seq_len} (learned positions).')
+    raise ValueError(f'{what} exceeds model.max_seq_len={cfg.max_seq_len} (learned positions); '
+                     'shorten the input or lower max_new_tokens.')
+
+
+def _check_lengths(cfg: ModelConfig, seq2seq: bool, longest: int, max_new_tokens: int):
+  """Raises if the longest prompt (`seq2seq`: source) of `longest` tokens and `max_new_tokens`
+  overflow learned positions. A prompt and its continuation share one sequence; a target has
+  its own max_new_tokens positions (the BOS and all but the last token)."""
+  if seq2seq:
+    _check_positions(cfg, f'the longest source ({longest})', longest)
+    _check_positions(cfg, f'max_new_tokens ({max_new_tokens})', max_new_tokens)
+  else:
+    _check_positions(cfg, f'the longest prompt ({longest}) + max_new_tokens '
+                          f'({max_new_tokens})', longest + max_new_tokens)
 
 
 def _prompt_arrays(model: nn.Module, prompts, max_new_tokens: int, pad_id: int,
                    pad_to_multiple: int):
   """Left padded (tokens, mask) device arrays of `prompts`, checked against learned positions."""
   tokens, mask = left_pad(prompts, pad_id, pad_to_multiple=max(1, pad_to_multiple))
-  longest = int(mask.sum(-1).max())
-  _check_positions(model.cfg, f'the longest prompt ({longest}) + max_new_tokens '
-                              f'({max_new_tokens})', longest + max_new_tokens)
+  _check_lengths(model.cfg, False, int(mask.sum(-1).max()), max_new_tokens)
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
 def _source_arrays(model: nn.Module, sources, max_new_tokens: int, pad_id: int,
                    pad_to_multiple: int):
   """Right padded (tokens, mask) device arrays of `sources`, checked against learned
-  positions (the target has max_new_tokens positions: the BOS and all but the last token)."""
+  positions."""
   tokens, mask = right_pad(sources, pad_id, pad_to_multiple=max(1, pad_to_multiple))
-  longest = int(mask.sum(-1).max())
-  _check_positions(model.cfg, f'the longest source ({longest})', longest)
-  _check_positions(model.cfg, f'max_new_tokens ({max_new_tokens})', max_new_tokens)
+  _check_lengths(model.cfg, True, int(mask.sum(-1).max()), max_new_tokens)
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
@@ -645,8 +655,39 @@ def beam_search_seq2seq(model_or_config: Any, params, sources: Sequence[Sequence
 
 # ----------------------------------------------------------------------------- CLI
 
-def _parse_ids(text: str) -> list[int]:
-  return [int(t) for t in text.replace(' ', ',').split(',') if t.strip()]
+def _parse_ids(p: argparse.ArgumentParser, flag: str, text: str,
+               allow_empty: bool = False) -> list[int]:
+  """The token ids in `text`, the value of `flag` (separated by commas and/or spaces); anything
+  else (an empty item, a word, a fraction, or no ids unless `allow_empty`) ends in `p.error`."""
+  items = re.split(r'\s*,\s*|\s+', text.strip())
+  if items == [''] and allow_empty:
+    return []
+  ids = []
+  for item in items:
+    try:
+      ids.append(int(item))
+    except ValueError:
+      what = 'an empty id' if not item else f'{item!r}, which is not an integer'
+      p.error(f'{flag}={text!r} holds {what}; give comma-separated token ids, e.g. '
+              f'{flag}=1,2,3.')
+  return ids
+
+
+def _check_vocab(p: argparse.ArgumentParser, flag: str, ids: Sequence[int], vocab: int,
+                 side: str = 'vocabulary'):
+  """`p.error` unless every id (given with `flag`) is in [0, vocab) (the model's `side`)."""
+  bad = [i for i in ids if not 0 <= i < vocab]
+  if bad:
+    p.error(f"{flag} holds the id {bad[0]}, outside the model's {side} [0, {vocab}); use ids "
+            f'from 0 to {vocab - 1}.')
+
+
+def _check_tokenizer(p: argparse.ArgumentParser, tok: tokenizer_lib.Tokenizer, vocab: int,
+                     side: str = 'vocab_size'):
+  """`p.error` if the tokenizer `tok` makes ids the model's `side` (of size `vocab`) lacks."""
+  if tok.vocab_size > vocab:
+    p.error(f"the tokenizer has {tok.vocab_size} tokens but the model's {side} is {vocab}; pass "
+            f'the --tokenizer the model was trained with.')
 
 
 def generate_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -655,7 +696,10 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
 
   DIR is a flaxllm workdir (its newest checkpoint), a flaxllm model directory or a Hugging Face
   directory (`flaxllm.rundir`); text is encoded with the tokenizer stored there, or with
-  --tokenizer. Prints the completion of each prompt (text with a tokenizer, else ids)."""
+  --tokenizer. Prints the completion of each prompt (text with a tokenizer, else ids).
+
+  Every argument is checked against the model's config (token ids against its vocabulary)
+  before the params are loaded; a bad one exits with code 2 and one sentence naming the flag."""
   p = argparse.ArgumentParser(prog='flaxllm generate',
                               description='Generate text with a flaxllm or Hugging Face model.')
   p.add_argument('--model', required=True,
@@ -693,23 +737,71 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument('--json', action='store_true', help='print one JSON object per prompt.')
   args = p.parse_args(argv)
 
+  # The settings on their own.
   if not (args.prompt or args.prompt_ids or args.source or args.source_ids):
     p.error('give --prompt (with --tokenizer) or --prompt-ids; for an encoder-decoder model '
             '--source (with --tokenizer) or --source-ids.')
+  if args.max_new_tokens < 1:
+    p.error(f'--max-new-tokens must be >= 1, got {args.max_new_tokens}.')
   if args.num_beams < 1:
     p.error(f'--num-beams must be >= 1, got {args.num_beams}.')
+  if not args.temperature >= 0:
+    p.error(f'--temperature must be >= 0 (0 = greedy), got {args.temperature}.')
+  if args.top_k is not None and args.top_k < 1:
+    p.error(f'--top-k must be >= 1 (or left out to keep every token), got {args.top_k}.')
+  if args.top_p is not None and not 0 < args.top_p <= 1:
+    p.error(f'--top-p must be in (0, 1] (1 keeps every token), got {args.top_p}.')
   if args.num_beams > 1 and args.temperature:
     p.error('beam search does not sample: drop --temperature, or use --num-beams 1 to sample.')
+  prompt_ids = [_parse_ids(p, '--prompt-ids', s) for s in args.prompt_ids]
+  source_ids = [_parse_ids(p, '--source-ids', s) for s in args.source_ids]
+  stop = set(_parse_ids(p, '--stop-ids', args.stop_ids, allow_empty=True))
+
+  # The settings against the model's config and tokenizers: no array is read yet.
   try:
     source = rundir.model_source(args.model, what='--model')
   except rundir.RunDirError as e:
     p.error(str(e))
+  except ValueError as e:  # a config file there that is not valid JSON or not a valid model
+    p.error(f'--model={args.model!r} cannot be read: {e}')
   cfg = source.model_cfg
-  tok = (tokenizer_lib.SentencePieceTokenizer.load(args.tokenizer) if args.tokenizer
-         else rundir.load_tokenizer(source.path))
+  seq2seq = cfg.arch == 'encoder_decoder'
+  source_vocab = cfg.source_vocab_size or cfg.vocab_size
+  if args.tokenizer:
+    try:
+      tok = src_tok = tokenizer_lib.SentencePieceTokenizer.load(args.tokenizer)
+    except (OSError, ValueError):
+      p.error(f'--tokenizer={args.tokenizer!r} is not a readable sentencepiece model; point '
+              '--tokenizer at a tokenizer.model file.')
+  else:
+    tok = rundir.load_tokenizer(source.path)
+    # A sequence-to-sequence run with separate vocabularies keeps its source side's tokenizer.
+    src_tok = rundir.load_tokenizer(source.path, rundir.SOURCE_TOKENIZER) or tok
   if tok is None and (args.prompt or args.source):
     p.error(f'{args.model} holds no tokenizer for --prompt / --source; pass --tokenizer (a '
             'sentencepiece .model), or --prompt-ids / --source-ids.')
+  if tok is not None:
+    _check_tokenizer(p, tok, cfg.vocab_size)
+  if seq2seq and src_tok is not None and args.source:
+    _check_tokenizer(p, src_tok, source_vocab,
+                     'source_vocab_size' if cfg.source_vocab_size else 'vocab_size')
+  if seq2seq and (args.prompt or args.prompt_ids or not (args.source or args.source_ids)):
+    p.error(f'{args.model} is an encoder-decoder model: pass its input with --source or '
+            f'--source-ids (not --prompt).')
+  if not seq2seq and (args.source or args.source_ids):
+    p.error(f'{args.model} is a decoder-only model: pass its input with --prompt or '
+            f'--prompt-ids (--source is for encoder-decoder models).')
+  source_side = 'source vocabulary' if cfg.source_vocab_size else 'vocabulary'
+  for ids in prompt_ids:
+    _check_vocab(p, '--prompt-ids', ids, cfg.vocab_size)
+  for ids in source_ids:
+    _check_vocab(p, '--source-ids', ids, source_vocab, source_side)
+  _check_vocab(p, '--stop-ids', stop, cfg.vocab_size)
+  if args.bos_id is not None:
+    _check_vocab(p, '--bos-id', [args.bos_id], cfg.vocab_size)
+  _check_vocab(p, '--pad-id', [args.pad_id], cfg.vocab_size)
+  if seq2seq:  # sources are padded with it too
+    _check_vocab(p, '--pad-id', [args.pad_id], source_vocab, source_side)
 
   prompts = []
   for text in args.prompt:
@@ -717,47 +809,46 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_bos and tok.bos_id >= 0:
       ids = [tok.bos_id] + ids
     prompts.append(ids)
-  prompts += [_parse_ids(s) for s in args.prompt_ids]
-  # A sequence-to-sequence run with separate vocabularies keeps its source side's tokenizer.
-  src_tok = (rundir.load_tokenizer(source.path, rundir.SOURCE_TOKENIZER) or tok
-             if not args.tokenizer else tok)
-  sources = [src_tok.encode(text) + [src_tok.eos_id] for text in args.source]
-  sources += [_parse_ids(s) for s in args.source_ids]
+  prompts += prompt_ids
+  sources = [src_tok.encode(text) + [src_tok.eos_id] for text in args.source] + source_ids
   if any(not ids for ids in prompts + sources):
     p.error('a prompt or source encodes to no tokens; add text or drop --no-bos.')
-  stop = set(_parse_ids(args.stop_ids))
   if tok is not None and not args.ignore_eos and tok.eos_id >= 0:
     stop.add(tok.eos_id)
+  bos_id = args.bos_id
+  if seq2seq and bos_id is None and tok is not None and tok.bos_id >= 0:
+    bos_id = tok.bos_id
+  if seq2seq and bos_id is None:
+    p.error('an encoder-decoder model needs --bos-id (the first target token) or a '
+            '--tokenizer with a BOS.')
+  # What the generation functions check first (beams vs. vocabulary, learned positions).
+  model = decode_model(cfg)
+  inputs, key = (sources, 'source_ids') if seq2seq else (prompts, 'prompt_ids')
+  try:
+    _check_settings(model, seq2seq=seq2seq, max_new_tokens=args.max_new_tokens,
+                    num_beams=args.num_beams, bos_id=bos_id)
+    _check_lengths(cfg, seq2seq, max(map(len, inputs)), args.max_new_tokens)
+  except ValueError as e:
+    p.error(str(e))
 
-  params = rundir.load_params(source.path, what='--model')
+  try:
+    params = rundir.load_params(source.path, what='--model')
+  except rundir.RunDirError as e:
+    p.error(str(e))
+  except (ValueError, OSError) as e:  # e.g. no params/ there, or params of another shape
+    p.error(f'--model={args.model!r} cannot be loaded: {e}')
   beam = dict(num_beams=args.num_beams, length_penalty=args.length_penalty)
   sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   seed=args.seed)
   common = dict(max_new_tokens=args.max_new_tokens, stop_tokens=tuple(stop), pad_id=args.pad_id)
-  if cfg.arch == 'encoder_decoder':
-    if prompts or not sources:
-      p.error(f'{args.model} is an encoder-decoder model: pass its input with --source or '
-              f'--source-ids (not --prompt).')
-    bos_id = args.bos_id
-    if bos_id is None and tok is not None and tok.bos_id >= 0:
-      bos_id = tok.bos_id
-    if bos_id is None:
-      p.error('an encoder-decoder model needs --bos-id (the first target token) or a '
-              '--tokenizer with a BOS.')
-    inputs, key = sources, 'source_ids'
-    if args.num_beams > 1:
-      outputs = beam_search_seq2seq(cfg, params, sources, bos_id=bos_id, **beam, **common)
-    else:
-      outputs = generate_seq2seq(cfg, params, sources, bos_id=bos_id, **sampling, **common)
+  if seq2seq and args.num_beams > 1:
+    outputs = beam_search_seq2seq(model, params, sources, bos_id=bos_id, **beam, **common)
+  elif seq2seq:
+    outputs = generate_seq2seq(model, params, sources, bos_id=bos_id, **sampling, **common)
+  elif args.num_beams > 1:
+    outputs = beam_search(model, params, prompts, **beam, **common)
   else:
-    if sources or not prompts:
-      p.error(f'{args.model} is a decoder-only model: pass its input with --prompt or '
-              f'--prompt-ids (--source is for encoder-decoder models).')
-    inputs, key = prompts, 'prompt_ids'
-    if args.num_beams > 1:
-      outputs = beam_search(cfg, params, prompts, **beam, **common)
-    else:
-      outputs = generate(cfg, params, prompts, **sampling, **common)
+    outputs = generate(model, params, prompts, **sampling, **common)
   for ids, out in zip(inputs, outputs):
     text = tok.decode(out) if tok is not None else None
     if args.json:

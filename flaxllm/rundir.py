@@ -437,9 +437,11 @@ class Checkpoints:
   def _save_failed(self, step: int, error: Exception) -> RunDirError:
     done = [s for s in self.manager.all_steps() if s != step]
     safe = f'step {max(done)}' if done else 'none yet'
-    return RunDirError(f'saving checkpoint {step} in {self.directory} failed '
-                       f'({_first_line(error)}); the newest complete checkpoint is {safe}; free '
-                       'disk space (or fix the storage) and run the same command to resume.')
+    cause = ('no space left on device' if 'No space left on device' in str(error)
+             else _first_line(error))
+    return RunDirError(f'saving checkpoint {step} in {self.directory} failed ({cause}); the '
+                       f'newest complete checkpoint is {safe}; free disk space (or fix the '
+                       'storage) and run the same command to resume.')
 
   def check_structure(self, step: int, abstract_state: Any):
     """RunDirError when checkpoint `step` holds another tree than `abstract_state` (names,

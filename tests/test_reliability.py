@@ -232,3 +232,40 @@ def test_data_path_of_one_file_reads_only_that_file(tmp_path):
           'data_dir': str(tmp_path / 'tfds')}
   docs = list(corpus.iter_texts(data, 'train'))
   assert docs == ['text of b.txt\n' * 50]
+
+
+def _tmpfs(path, size: str) -> bool:
+  path.mkdir()
+  return subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                        capture_output=True).returncode == 0
+
+
+def test_a_full_disk_is_one_sentence_with_the_safe_step_and_resumes(env, tmp_path):
+  """On a 3 MB filesystem (tmpfs; needs root, skipped otherwise) checkpoints fill the disk."""
+  disk = tmp_path / 'disk'
+  if not _tmpfs(disk, '3m'):
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  try:
+    workdir = disk / 'run'
+    cmd = [sys.executable, '-m', 'flaxllm.cli', 'train', f'--config={TINY},steps=200',
+           f'--workdir={workdir}', '--config.keep_ckpts=100', '--config.ckpt_every=10',
+           '--config.peak_flops=1e11', '--config.wandb.mode=disabled',
+           '--config.sample.max_new_tokens=0', '--config.progress_bar=False',
+           f'--config.data.source=text', f'--config.data.path={env["corpus"]}',
+           f'--config.data.data_dir={env["data_dir"]}']
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1
+    errors = out.stderr.strip().splitlines()
+    assert len(errors) == 1, out.stderr[-3000:]          # no orbax thread tracebacks
+    step = int(errors[0].split('saving checkpoint ')[1].split()[0])
+    assert errors[0] == (f'error: saving checkpoint {step} in {workdir}/checkpoints failed (no '
+                         f'space left on device); the newest complete checkpoint is step '
+                         f'{step - 10}; free disk space (or fix the storage) and run the same '
+                         'command to resume.')
+    subprocess.run(['mount', '-o', 'remount,size=64m', str(disk)], check=True)
+    cmd[4] = f'--config={TINY},steps={step + 10}'
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f'Resuming {workdir} from step {step - 10}' in again.stdout
+  finally:
+    subprocess.run(['umount', str(disk)], capture_output=True)

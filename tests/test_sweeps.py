@@ -368,3 +368,31 @@ def test_fit_json_and_plots_from_results(tmp_path):
   assert sorted(os.path.basename(p) for p in paths) == ['isoflop.png', 'law.png', 'optimal.png']
   assert all(open(p, 'rb').read(8) == b'\x89PNG\r\n\x1a\n' for p in paths)
   json.dumps(sweeps_main._json_ready(result))  # pylint: disable=protected-access
+
+
+# ----------------------------------------------------------------------------- not losing runs
+
+def test_point_names_stay_inside_the_sweep_directory(tmp_path):
+  sweep = runner_lib.load_sweep(_sweep_file(tmp_path, "[{'seed': 1, '_name': '..'}, "
+                                                      "{'seed': 2, '_name': '.hidden'}]"))
+  names = [p['_name'] for p in sweep.points]
+  assert names == ['000', 'hidden']
+
+
+def test_rerun_with_other_common_overrides_is_refused_and_live_points_left_alone(tmp_path):
+  from flaxllm import rundir
+  path = _sweep_file(tmp_path, "[{'seed': 1, '_name': 'busy'}]")
+  sweep_dir = tmp_path / 'sweep'
+  (sweep_dir / 'busy').mkdir(parents=True)
+  (sweep_dir / runner_lib.SWEEP_FILE).write_text(json.dumps(
+      {'spec': path, 'common': ['--config.total_steps=5'], 'points': []}))
+  with pytest.raises(ConfigError, match=r"was run with the overrides \['--config.total_steps=5'\] "
+                                        r'for every point, this one with \[\]; pass the same'):
+    runner_lib.run_sweep(runner_lib.load_sweep(path), str(sweep_dir), echo=lambda s: None)
+  lines = []
+  with rundir.WorkdirLock(str(sweep_dir / 'busy')):   # its run (e.g. of a killed sweep) lives
+    statuses = runner_lib.run_sweep(runner_lib.load_sweep(path, ['--config.total_steps=5']),
+                                    str(sweep_dir), echo=lines.append)
+  assert f'[busy] still running (pid {os.getpid()}), left alone' in lines
+  assert statuses == [{'name': 'busy', 'status': 'pending'}]
+  assert not (sweep_dir / 'busy' / runner_lib.LOG_FILE).exists()   # nothing started
