@@ -251,7 +251,7 @@ def test_a_full_disk_is_one_sentence_with_the_safe_step_and_resumes(env, tmp_pat
            f'--workdir={workdir}', '--config.keep_ckpts=100', '--config.ckpt_every=10',
            '--config.peak_flops=1e11', '--config.wandb.mode=disabled',
            '--config.sample.max_new_tokens=0', '--config.progress_bar=False',
-           f'--config.data.source=text', f'--config.data.path={env["corpus"]}',
+           '--config.data.source=text', f'--config.data.path={env["corpus"]}',
            f'--config.data.data_dir={env["data_dir"]}']
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 1
