@@ -103,8 +103,8 @@ def main(argv=None) -> int:
       return 2
     return 0
   module, function = COMMANDS[argv[0]]
-  result = getattr(importlib.import_module(module), function)(argv[1:])
-  return int(result or 0)
+  command = getattr(importlib.import_module(module), function)
+  return int(run(command, argv[1:]) or 0)   # every command: one sentence, not a traceback
 
 
 if __name__ == '__main__':

@@ -287,10 +287,10 @@ def validate(config: ConfigDict) -> ConfigDict:
            'z_loss', 'loss_chunk_size', 'eval_every', 'peak_flops', 'sample.max_new_tokens',
            'sample.temperature', 'sample.top_k', allow_zero=True)
   require(0 <= config.seed < 2**31, f'seed={config.seed} must be in [0, 2**31); pick another.')
-  if model.position == 'learned':
-    require(config.seq_len <= model.max_seq_len,
-             f'seq_len={config.seq_len} exceeds model.max_seq_len={model.max_seq_len} (learned '
-             'positions); lower seq_len or raise model.max_seq_len.')
+  why = 'learned positions' if model.position == 'learned' else 'the longest sequence it is for'
+  require(config.seq_len <= model.max_seq_len,
+          f'seq_len={config.seq_len} exceeds model.max_seq_len={model.max_seq_len} ({why}); '
+          'lower seq_len or raise model.max_seq_len.')
   if config.init_from:
     require(os.path.isdir(os.path.expanduser(config.init_from)),
              f'init_from={config.init_from!r} is not a directory; point it at a flaxllm workdir, '

@@ -110,7 +110,11 @@ def test_learned_positions_limit_seq_len():
                                         r' positions\); lower seq_len or raise '
                                         r'model\.max_seq_len\.$'):
     _load('model.position=learned', 'seq_len=512')
-  _load('seq_len=512')  # RoPE has no table: allowed
+  # RoPE has no table, but max_seq_len is still the longest sequence the model is made for
+  # (rope scaling, caches and exports rely on it): refused too.
+  with pytest.raises(ConfigError, match=r'^seq_len=512 exceeds model\.max_seq_len=256 \(the '
+                                        r'longest sequence it is for\)'):
+    _load('seq_len=512')
 
 
 def test_resume_compatibility_allows_only_safe_keys():
