@@ -82,7 +82,7 @@ def run(fn: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> in
   quiet_logs()
   try:
     return fn(list(sys.argv[2:] if argv is None else argv))
-  except (TrainError, ValueError, FileNotFoundError, PermissionError) as e:
+  except (TrainError, ValueError, OSError) as e:   # OSError: a full disk, a missing file, ...
     if os.environ.get('FLAXLLM_DEBUG'):
       raise
     print(f'error: {e}', file=sys.stderr, flush=True)

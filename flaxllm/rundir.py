@@ -53,8 +53,8 @@ from flaxllm.models.config import ConfigError, ModelConfig
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = 'config.json'
-TOKENIZER = 'tokenizer'                  # file stem of the run's tokenizer
-SOURCE_TOKENIZER = 'source_tokenizer'    # ... and of a seq2seq run's source-side tokenizer
+# File stems of the run's tokenizer and of a seq2seq run's source-side tokenizer.
+TOKENIZER, SOURCE_TOKENIZER = native.TOKENIZER_STEMS
 TOKENIZER_FILE = f'{TOKENIZER}.model'
 TOKENIZER_INFO = f'{TOKENIZER}.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -72,8 +72,7 @@ CHECKSUM_FILE = 'flaxllm_checksums.json'   # in each checkpoint step directory
 MODEL_KEY = 'model'   # the model's part of a train state's (objective-namespaced) params
 # Everything flaxllm writes into a workdir (a workdir holding anything else is not a run).
 RUN_FILES = frozenset({
-    CONFIG_FILE, *(f'{stem}{ext}' for stem in (TOKENIZER, SOURCE_TOKENIZER)
-                   for ext in ('.model', '.json')),
+    CONFIG_FILE, *native.TOKENIZER_FILES,
     CHECKPOINT_DIR, CORRUPT_DIR, METRICS_FILE, 'metrics.discarded.jsonl', LOSS_CURVE,
     WANDB_ID_FILE, 'wandb', MODEL_DIR, ADAPTER_DIR, MARKER_FILE, LOCK_FILE, SWEEP_POINT_FILE,
     SWEEP_LOG_FILE})
@@ -131,7 +130,7 @@ def check_is_run(workdir: str):
   if os.path.exists(os.path.join(workdir, MARKER_FILE)):
     return
   foreign = sorted(n for n in os.listdir(workdir) if n not in RUN_FILES and
-                   not n.startswith('.write_test'))
+                   not n.startswith(('.write_test', f'.{MODEL_DIR}.flaxllm-')))
   stored = os.path.join(workdir, CONFIG_FILE)
   if not foreign and os.path.exists(stored):
     try:
@@ -352,9 +351,8 @@ def export_model(workdir: str, model_cfg, params, tokenizer_source: bool = True)
   files, for `flaxllm generate --model=<workdir>/model`. Every process calls it (each writes
   its shards); the one with `tokenizer_source` copies the tokenizer."""
   path = os.path.join(workdir, MODEL_DIR)
-  native.save_flaxllm(model_cfg, params, path)
-  for name in (f'{stem}{ext}' for stem in (TOKENIZER, SOURCE_TOKENIZER)
-               for ext in ('.model', '.json')):
+  native.save_flaxllm(model_cfg, params, path, overwrite=True)   # the run's own export
+  for name in native.TOKENIZER_FILES:
     src = os.path.join(workdir, name)
     if tokenizer_source and os.path.exists(src):
       with open(src, 'rb') as f:

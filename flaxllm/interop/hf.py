@@ -7,7 +7,12 @@
 `load` streams one tensor at a time with `safetensors.safe_open(..., framework='np')` (no torch;
 bfloat16 goes through `ml_dtypes`), and checks every name and shape against the config before
 reading any tensor data, so a bad checkpoint fails fast with an `HFInteropError` naming the
-problem. Only the safetensors format is read; `pytorch_model.bin` checkpoints must be converted
+problem. Nothing in a checkpoint is trusted further than the files themselves: every size in
+config.json is checked against the tensors' headers before anything is built for it, every
+header against its file's length, and weight files must lie inside the checkpoint directory.
+`save` writes like `flaxllm.interop.native` (a sibling directory renamed into place, marked with
+flaxllm_export.json) and never replaces a directory flaxllm did not write unless asked.
+Only the safetensors format is read; `pytorch_model.bin` checkpoints must be converted
 first (e.g. `transformers`' `save_pretrained(..., safe_serialization=True)`).
 
 Layout conversions (PyTorch `nn.Linear.weight` is [out, in]; flaxllm kernels are [in, out...]):
@@ -31,14 +36,15 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers 'bfloat16' with numpy, which safetensors' np needs)
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from flaxllm.interop import native
 from flaxllm.interop.native import load_flaxllm, save_flaxllm
 from flaxllm.models.config import ConfigError, ModelConfig
 
 __all__ = ['load', 'save', 'convert_main', 'config_from_hf', 'config_to_hf', 'HFInteropError',
-           'SUPPORTED_ARCHITECTURES', 'save_flaxllm', 'load_flaxllm']
+           'SUPPORTED_ARCHITECTURES', 'save_flaxllm', 'load_flaxllm', 'is_hf_export']
 
 SUPPORTED_ARCHITECTURES = ('LlamaForCausalLM', 'MistralForCausalLM', 'GPT2LMHeadModel')
 _FAMILY = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'llama',
@@ -49,11 +55,14 @@ _MODEL_TYPE_ARCH = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM'
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
 INDEX_NAME = 'model.safetensors.index.json'
+EXPORT_MARKER = 'flaxllm_export.json'  # written by `save`: {'files': [the names it wrote]}
 DEFAULT_MAX_SHARD_SIZE = '5GB'
 
 _ST_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
-              'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32, 'I16': np.int16,
-              'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+              'BF16': ml_dtypes.bfloat16, 'F8_E4M3': ml_dtypes.float8_e4m3fn,
+              'F8_E5M2': ml_dtypes.float8_e5m2, 'I64': np.int64, 'I32': np.int32,
+              'I16': np.int16, 'I8': np.int8, 'U64': np.uint64, 'U32': np.uint32,
+              'U16': np.uint16, 'U8': np.uint8, 'BOOL': np.bool_}
 _FLOAT_CODES = ('F64', 'F32', 'F16', 'BF16')
 _GPT2_ACT = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_fast': 'gelu_tanh',
              'gelu': 'gelu', 'relu': 'relu'}
@@ -90,14 +99,6 @@ def _dtype_name(dtype) -> str:
 
 # ============================================================================ HF config
 
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise HFInteropError(f'{path} is not valid JSON: {e}.') from None
-
-
 def read_hf_config(path: str) -> dict:
   """config.json of the checkpoint directory `path` as a dict."""
   if not os.path.isdir(path):
@@ -106,7 +107,7 @@ def read_hf_config(path: str) -> dict:
   if not os.path.isfile(cfg_path):
     raise HFFileNotFoundError(f'no {CONFIG_NAME} in {path!r}; a Hugging Face checkpoint '
                               'directory needs config.json next to its safetensors weights.')
-  return _read_json(cfg_path)
+  return native.read_json(cfg_path, HFInteropError)
 
 
 def _architecture(hf: dict) -> str:
@@ -167,10 +168,15 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
       d = _gpt2_config_from_hf(hf)
   except KeyError as e:
     raise HFInteropError(f'config.json for {arch} is missing the field {e.args[0]!r}.') from None
+  except HFInteropError:
+    raise
+  except (TypeError, ValueError, ArithmeticError) as e:
+    raise HFInteropError(f'config.json for {arch} has a field of the wrong type or value ({e}); '
+                         'use the config.json that came with the checkpoint.') from None
   d.update(overrides)
   try:
     return ModelConfig.from_dict(d)
-  except ConfigError as e:
+  except (ConfigError, TypeError) as e:
     raise HFInteropError(f'config.json does not map to a valid flaxllm config: {e}') from None
 
 
@@ -427,16 +433,19 @@ def flax_path(g: TensorGroup, rel: tuple[str, ...], scanned: bool) -> tuple[str,
 
 class _TensorSource:
   """Tensor names, shapes and dtypes of a checkpoint's safetensors file(s), read from the
-  headers only; `get(name)` reads one tensor as numpy."""
+  headers only (each checked against its file's length); `get(name)` reads one tensor as
+  numpy."""
 
   def __init__(self, path: str):
     self._safe_open = safe_open
     index = os.path.join(path, INDEX_NAME)
     single = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(index):
-      weight_map = _read_json(index).get('weight_map')
-      if not isinstance(weight_map, dict) or not weight_map:
-        raise HFInteropError(f'{index} has no weight_map.')
+      weight_map = native.read_json(index, HFInteropError).get('weight_map')
+      if (not isinstance(weight_map, dict) or not weight_map
+          or not all(isinstance(f, str) for f in weight_map.values())):
+        raise HFInteropError(f'{index} has no weight_map of tensor names to shard files; '
+                             'replace it with the index the checkpoint came with.')
       files = sorted(set(weight_map.values()))
     elif os.path.isfile(single):
       files = [WEIGHTS_NAME]
@@ -451,10 +460,14 @@ class _TensorSource:
     self.shape: dict[str, tuple[int, ...]] = {}
     self.dtype: dict[str, str] = {}
     for fname in files:
+      if not _inside(path, fname):
+        raise HFInteropError(f'weight file {fname!r} of {path!r} lies outside that directory '
+                             "(an absolute path, '..' or a link out of it); keep a checkpoint's "
+                             'weight files inside its directory.')
       fpath = os.path.join(path, fname)
       if not os.path.isfile(fpath):
         raise HFFileNotFoundError(f'weight shard {fname!r} listed in {INDEX_NAME} is missing '
-                                  f'from {path!r}.')
+                                  f'from {path!r}; download the checkpoint again.')
       header = _read_safetensors_header(fpath)
       for name, info in header.items():
         if name == '__metadata__':
@@ -469,29 +482,70 @@ class _TensorSource:
 
   def get(self, name: str) -> np.ndarray:
     fpath = self.location[name]
-    if fpath not in self._open:
-      self._open[fpath] = self._safe_open(fpath, framework='np')
     try:
+      if fpath not in self._open:
+        self._open[fpath] = self._safe_open(fpath, framework='np')
       return self._open[fpath].get_tensor(name)
     except TypeError:  # a numpy without the ml_dtypes names registered: read the raw bytes
       return _read_raw_tensor(fpath, name)
+    except SafetensorError as e:
+      raise HFInteropError(f'{fpath} cannot be read ({e}); download or save the checkpoint '
+                           'again.') from None
 
   def close(self):
     self._open.clear()
 
 
+def _inside(path: str, fname: str) -> bool:
+  """Whether the weight file `fname` of the checkpoint directory `path` lies inside it, links
+  resolved (a Hugging Face hub cache snapshot's links into its repository's blobs/ count)."""
+  if os.path.isabs(fname):
+    return False
+  root = os.path.realpath(path)
+  roots = [root]
+  if os.path.basename(os.path.dirname(root)) == 'snapshots':
+    roots.append(os.path.join(os.path.dirname(os.path.dirname(root)), 'blobs'))
+  real = os.path.realpath(os.path.join(root, fname))
+  return any(os.path.commonpath([real, r]) == r for r in roots)
+
+
 def _read_safetensors_header(fpath: str) -> dict:
+  """The header of the safetensors file `fpath`, refused unless every tensor's dtype, shape and
+  byte range agree and lie inside the file (so its shapes bound what reading it allocates)."""
+  def bad(why):
+    return HFInteropError(f'{fpath} is not a valid safetensors file ({why}); download or save '
+                          'the checkpoint again.')
+  size = os.path.getsize(fpath)
   with open(fpath, 'rb') as f:
     raw = f.read(8)
     if len(raw) != 8:
-      raise HFInteropError(f'{fpath} is not a safetensors file (too short).')
+      raise bad('shorter than its 8-byte header length')
     n = int.from_bytes(raw, 'little')
-    if n > 100_000_000 or n > os.path.getsize(fpath):
-      raise HFInteropError(f'{fpath} is not a safetensors file (bad header length).')
+    if n > 100_000_000 or 8 + n > size:
+      raise bad(f'a header of {n} bytes in a file of {size}')
     try:
-      return json.loads(f.read(n))
+      header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError):
-      raise HFInteropError(f'{fpath} is not a safetensors file (bad header).') from None
+      raise bad('its header is not JSON') from None
+  if not isinstance(header, dict):
+    raise bad('its header is not a JSON object')
+  data_size = size - 8 - n
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    try:
+      itemsize = np.dtype(_ST_DTYPES[info['dtype']]).itemsize
+      shape, (start, end) = info['shape'], info['data_offsets']
+      ok = all(type(v) is int and v >= 0 for v in (*shape, start, end))
+    except (KeyError, TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise bad(f'tensor {name!r} has no valid dtype, shape and data_offsets')
+    if end - start != math.prod(shape) * itemsize:
+      raise bad(f'tensor {name!r} of shape {tuple(shape)} spans {end - start} bytes')
+    if end > data_size:
+      raise bad(f'truncated: tensor {name!r} ends at byte {end} of {data_size} data bytes')
+  return header
 
 
 def _read_raw_tensor(fpath: str, name: str) -> np.ndarray:
@@ -550,6 +604,13 @@ def load(path: str, *, dtype=None, compute_dtype=None, scan_layers: bool = False
   prefix = 'transformer.'
   if family == 'gpt2' and not any(n.startswith('transformer.') for n in present):
     prefix = ''  # the original OpenAI-converted GPT-2 files name tensors 'h.0...', 'wte...'
+  # The layer count is the one size that sets how much is built below: bound it by the headers.
+  layer = re.compile(r'model\.layers\.(\d+)\.' if family == 'llama'
+                     else re.escape(prefix) + r'h\.(\d+)\.')
+  held = len({m.group(1) for n in present if (m := layer.match(n))})
+  if cfg.num_layers > held:
+    raise HFInteropError(f'the config gives {cfg.num_layers} layers but the weights in {path!r} '
+                         f'hold {held}; use the config.json that came with these weights.')
   groups = tensor_groups(family, cfg, prefix)
   _check_tensors(groups, src, family, cfg, arch)
 
@@ -642,7 +703,7 @@ def _flatten_paths(tree, prefix=()) -> dict[tuple[str, ...], Any]:
 
 
 def save(model_config, params, path: str, *, dtype=None,
-         max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> None:
+         max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> None:
   """Writes `params` as a Hugging Face checkpoint directory that
   `transformers.AutoModelForCausalLM.from_pretrained(path)` loads.
 
@@ -650,13 +711,17 @@ def save(model_config, params, path: str, *, dtype=None,
     model_config: ModelConfig (or dict) of a LLaMA-, Mistral- or GPT-2-shaped decoder.
     params: the params dict (unrolled `layers_{i}` or scanned `layers`; `{'params': ...}` and
       Flax-boxed leaves are accepted).
-    path: output directory (created; old model*.safetensors files in it are replaced).
+    path: output directory, replaced whole once the new checkpoint is complete; it must be
+      absent, empty or a previous `save` (`is_hf_export`) unless `overwrite`.
     dtype: dtype of the written tensors; None keeps each param's dtype.
     max_shard_size: bytes (int) or a string like '5GB' / '200MB'; larger checkpoints are split
       into model-0000i-of-0000n.safetensors shards with model.safetensors.index.json.
+    overwrite: replace `path` whatever it holds.
   """
   cfg = ModelConfig.from_dict(model_config)
   family = export_family(cfg)
+  path = os.path.realpath(os.fspath(path))
+  native.check_destination(path, is_hf_export, 'Hugging Face', overwrite)
   params = nn.meta.unbox(params)
   if set(params) == {'params'}:
     params = params['params']
@@ -701,39 +766,49 @@ def save(model_config, params, path: str, *, dtype=None,
     shards[-1].append(g)
     size += nbytes
 
-  os.makedirs(path, exist_ok=True)
-  for f in os.listdir(path):
-    if re.fullmatch(r'model(-\d+-of-\d+)?\.safetensors(\.index\.json)?', f):
-      os.remove(os.path.join(path, f))
-
-  n = len(shards)
-  weight_map, total = {}, 0
-  for s, shard in enumerate(shards):
-    fname = WEIGHTS_NAME if n == 1 else f'model-{s + 1:05d}-of-{n:05d}.safetensors'
-    tensors = {}
-    for g in shard:
-      flax_arrays = []
-      for rel in g.flax:
-        x = leaves[flax_path(g, rel, scanned)]
-        if scanned and g.layer is not None:
-          x = x[g.layer]
-        flax_arrays.append(np.asarray(jax.device_get(x)))
-      for name, arr in zip(g.hf, g.to_hf(flax_arrays)):
-        arr = np.ascontiguousarray(arr.astype(group_dtype(g), copy=False))
-        tensors[name] = arr
-        weight_map[name] = fname
-        total += arr.nbytes
-    save_file(tensors, os.path.join(path, fname), metadata={'format': 'pt'})
-    del tensors
-  if n > 1:
-    with open(os.path.join(path, INDEX_NAME), 'w') as f:
-      json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2,
-                sort_keys=True)
   hf_dtype = out_dtype or _np_dtype(cfg.param_dtype)
   if out_dtype is None and groups:
     hf_dtype = group_dtype(groups[0])
-  with open(os.path.join(path, CONFIG_NAME), 'w') as f:
-    json.dump(config_to_hf(cfg, hf_dtype), f, indent=2, sort_keys=True)
+  n = len(shards)
+  weight_map, total = {}, 0
+  with native.replacing(path) as staging:
+    for s, shard in enumerate(shards):
+      fname = WEIGHTS_NAME if n == 1 else f'model-{s + 1:05d}-of-{n:05d}.safetensors'
+      tensors = {}
+      for g in shard:
+        flax_arrays = []
+        for rel in g.flax:
+          x = leaves[flax_path(g, rel, scanned)]
+          if scanned and g.layer is not None:
+            x = x[g.layer]
+          flax_arrays.append(np.asarray(jax.device_get(x)))
+        for name, arr in zip(g.hf, g.to_hf(flax_arrays)):
+          arr = np.ascontiguousarray(arr.astype(group_dtype(g), copy=False))
+          tensors[name] = arr
+          weight_map[name] = fname
+          total += arr.nbytes
+      save_file(tensors, os.path.join(staging, fname), metadata={'format': 'pt'})
+      del tensors
+    written = [CONFIG_NAME, *sorted(set(weight_map.values()))]
+    if n > 1:
+      written.append(INDEX_NAME)
+      with open(os.path.join(staging, INDEX_NAME), 'w') as f:
+        json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2,
+                  sort_keys=True)
+    with open(os.path.join(staging, CONFIG_NAME), 'w') as f:
+      json.dump(config_to_hf(cfg, hf_dtype), f, indent=2, sort_keys=True)
+    with open(os.path.join(staging, EXPORT_MARKER), 'w') as f:
+      json.dump({'files': written}, f, indent=2)
+
+
+def is_hf_export(path: str) -> bool:
+  """Whether `path` is a directory that `save` wrote, holding nothing else."""
+  try:
+    with open(os.path.join(path, EXPORT_MARKER)) as f:
+      files = json.load(f)['files']
+    return isinstance(files, list) and set(os.listdir(path)) <= {EXPORT_MARKER, *files}
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
 
 
 # ============================================================================ native + CLI
@@ -744,7 +819,10 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
       flaxllm convert --from-hf HF_DIR --to FLAXLLM_DIR [--dtype bfloat16] [--scan-layers]
       flaxllm convert --from FLAXLLM_DIR --to-hf HF_DIR [--dtype bfloat16] [--max-shard-size 5GB]
 
-  `argv` excludes the program and the 'convert' word. Returns the exit status (0).
+  The destination must be absent, empty or a previous export of the same kind, unless
+  --overwrite; it is replaced whole once the new model is complete. `argv` excludes the
+  program and the 'convert' word. Returns the exit status (0); a bad source or destination
+  raises one ValueError / FileNotFoundError sentence (`flaxllm.cli.run` prints it).
   """
   parser = argparse.ArgumentParser(
       prog='flaxllm convert',
@@ -765,17 +843,23 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
                       help='with --from-hf: stack layer params (scan_layers=True).')
   parser.add_argument('--max-shard-size', default=DEFAULT_MAX_SHARD_SIZE,
                       help='with --to-hf: largest safetensors shard (default %(default)s).')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace the destination whole even if it holds files flaxllm did '
+                           'not write.')
   args = parser.parse_args(list(argv) if argv is not None else None)
   if args.from_hf and not args.to_flaxllm:
     parser.error('--from-hf needs --to FLAXLLM_DIR.')
   if args.from_flaxllm and not args.to_hf:
     parser.error('--from needs --to-hf HF_DIR.')
-  if args.from_hf:
+  if args.from_hf:  # the destination is checked before the (slow) load, and again when saving
+    native.check_destination(args.to_flaxllm, native.is_model_dir, 'model', args.overwrite)
     cfg, params = load(args.from_hf, dtype=args.dtype, scan_layers=args.scan_layers)
-    save_flaxllm(cfg, params, args.to_flaxllm)
+    save_flaxllm(cfg, params, args.to_flaxllm, overwrite=args.overwrite)
     print(f'wrote flaxllm checkpoint {args.to_flaxllm}')
   else:
+    native.check_destination(args.to_hf, is_hf_export, 'Hugging Face', args.overwrite)
     cfg, params = load_flaxllm(args.from_flaxllm)
-    save(cfg, params, args.to_hf, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    save(cfg, params, args.to_hf, dtype=args.dtype, max_shard_size=args.max_shard_size,
+         overwrite=args.overwrite)
     print(f'wrote Hugging Face checkpoint {args.to_hf}')
   return 0
