@@ -30,7 +30,7 @@ from flaxllm.config import base_config, parse_arg
 #        d_model layers heads mlp source target batch  steps    lr    task
 SIZES = {
     'tiny': (64, 2, 4, 128, 32, 32, 32, 1000, 3e-3, 'snake_to_camel'),
-    'small': (256, 3, 8, 1024, 96, 80, 64, 1500, 1e-3, 'signature_to_doc'),
+    'small': (256, 3, 8, 1024, 96, 80, 64, 1200, 1e-3, 'signature_to_doc'),
     'base': (512, 6, 8, 2048, 128, 96, 128, 100_000, 7e-4, 'signature_to_doc'),
 }
 

@@ -168,3 +168,14 @@ def test_separate_vocabularies(tmp_path, capsys):
                                  '--max-new-tokens=32', '--json']) == 0
   record = json.loads(capsys.readouterr().out)
   assert record['source_ids'] == source_tok.encode('read_file_lines') + [source_tok.eos_id]
+
+
+def test_dropout_trains_and_evaluates(tmp_path):
+  """With model.dropout the train step draws dropout masks and validation runs without them."""
+  config = _config('--config.model.dropout=0.1', '--config.seq2seq.eval_pairs=4',
+                   '--config.seq2seq.num_beams=1', '--config.sample.max_new_tokens=0',
+                   variant=',steps=4')
+  summary = trainer.train(config, str(tmp_path / 'run'))
+  assert summary['complete'] and np.isfinite(summary['val_loss'])
+  again = trainer.evaluate_checkpoint(config, str(tmp_path / 'run'))
+  assert again['val_loss'] == summary['val_loss']       # deterministic evaluation

@@ -103,9 +103,10 @@ class Objective:
 
   # ---- the model and what is trained -------------------------------------------------------
 
-  def build_model(self):
-    """The Linen module the losses apply (dropout on when model.dropout > 0)."""
-    return models.build(self.model_cfg, deterministic=self.model_cfg.dropout == 0)
+  def build_model(self, *, train: bool):
+    """The Linen module the losses apply: for training with dropout (when model.dropout > 0),
+    for evaluation without."""
+    return models.build(self.model_cfg, deterministic=not train or self.model_cfg.dropout == 0)
 
   def split(self, params, rng) -> tuple[Any, dict]:
     """(trainable, frozen) of the model's full `params` (jitted, params donated)."""

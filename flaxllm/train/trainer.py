@@ -82,7 +82,7 @@ def _build_programs(config_json: str, mesh) -> Programs:
   objective = objectives.from_config(config)
   model_cfg = objective.model_cfg
   rules = parallel.get_rules(config.parallel.rules)
-  model = objective.build_model()
+  model = objective.build_model(train=True)
   specs = parallel.param_specs(model)  # logical PartitionSpec of every model param
   rng = jax.random.PRNGKey(0)
 
@@ -122,8 +122,8 @@ def _build_programs(config_json: str, mesh) -> Programs:
       init=jax.jit(on_mesh(init), out_shardings=state_sh, donate_argnums=(0,)),
       train_step=jax.jit(on_mesh(train_step), out_shardings=(state_sh, replicated),
                          donate_argnums=(0,)),
-      eval_step=jax.jit(on_mesh(step_lib.make_eval_step(objective.eval_loss(model))),
-                        out_shardings=replicated),
+      eval_step=jax.jit(on_mesh(step_lib.make_eval_step(
+          objective.eval_loss(objective.build_model(train=False)))), out_shardings=replicated),
       plain_params=objective.plain_params)
 
 
