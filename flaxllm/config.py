@@ -345,8 +345,8 @@ def _with_defaults(stored: dict, defaults: dict) -> dict:
 
 def stored_config(workdir: str) -> ConfigDict | None:
   """The config a workdir was trained with (its config.json), or None."""
-  text = rundir.stored_config_json(workdir)
-  return None if text is None else from_json(text)
+  path = os.path.join(workdir, rundir.CONFIG_FILE)
+  return from_json(json.dumps(rundir.read_json(path))) if os.path.exists(path) else None
 
 
 def _norm(value: Any) -> Any:

@@ -97,8 +97,17 @@ def write_atomic(path: str, data: bytes | str):
 
 
 def read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  """The JSON object in `path`; RunDirError naming the file if it is not one."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RunDirError(f'{path} is not valid JSON ({e}); restore the file, or move it away if '
+                      'flaxllm should not read it.') from None
+  if not isinstance(value, dict):
+    raise RunDirError(f'{path} holds a JSON {type(value).__name__}, not an object; restore the '
+                      'file, or move it away if flaxllm should not read it.')
+  return value
 
 
 # ----------------------------------------------------------------------------- the workdir
@@ -277,15 +286,6 @@ def _process_start(pid: int) -> Optional[str]:
     except PermissionError:
       pass
     return 'unknown'
-
-
-def stored_config_json(workdir: str) -> Optional[str]:
-  """The text of `workdir`'s config.json, or None when it has none."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return f.read()
 
 
 def save_config_json(workdir: str, text: str):

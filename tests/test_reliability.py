@@ -269,3 +269,11 @@ def test_a_full_disk_is_one_sentence_with_the_safe_step_and_resumes(env, tmp_pat
     assert f'Resuming {workdir} from step {step - 10}' in again.stdout
   finally:
     subprocess.run(['umount', str(disk)], capture_output=True)
+
+
+def test_a_malformed_config_json_names_its_file(tmp_path, capsys):
+  (tmp_path / rundir.MARKER_FILE).write_text('{}')
+  (tmp_path / rundir.CONFIG_FILE).write_text('{oops')
+  assert main_lib.train_main([f'--workdir={tmp_path}']) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f'error: {tmp_path}/config.json is not valid JSON (') and '\n' not in err
