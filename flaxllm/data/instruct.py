@@ -105,40 +105,45 @@ def alpaca_document(tokenizer, record: Any,
   return {"tokens": np.asarray(tokens, np.int32), "loss_mask": np.asarray(mask, np.float32)}
 
 
+def chat_turn(tokenizer, message: Any,
+              template: str = "") -> tuple[list[int], list[int], list[int]]:
+  """One chat message as token ids ``(header, body, footer)``: the per-turn template's text
+  before ``{content}``, the content (followed by EOS in an assistant message: what training
+  teaches the model to write) and the template's text after ``{content}``."""
+  template = template or CHAT_TURN
+  if template.count("{content}") != 1:
+    raise InstructionDataError(f"the chat template {template!r} must contain {{content}} exactly "
+                               f"once (and optionally {{role}} / {{Role}}).")
+  role = message.get("role") if isinstance(message, Mapping) else None
+  if role not in ROLES:
+    raise InstructionDataError(f"chat message role {role!r} is not one of {ROLES}; fix the data.")
+  head, tail = template.split("{content}")
+  names = {"role": role, "Role": role.capitalize()}
+  body = _encode(tokenizer, text_field(message, "content"))
+  if role == "assistant":
+    body.append(tokenizer.eos_id)
+  return _encode(tokenizer, head.format(**names)), body, _encode(tokenizer, tail.format(**names))
+
+
 def chat_document(tokenizer, record: Any,
                   text_key: str = "text", template: str = "") -> dict[str, np.ndarray]:
-  """``data.format='chat'``: turns rendered with the per-turn template; assistant contents
-  (each followed by EOS) have mask 1, everything else 0."""
+  """``data.format='chat'``: turns rendered with the per-turn template (:func:`chat_turn`);
+  assistant contents (each followed by EOS) have mask 1, everything else 0."""
   del text_key
   record = _as_record(record)
   messages = record.get("messages") if isinstance(record, Mapping) else None
   if not isinstance(messages, Sequence) or not messages:
     raise InstructionDataError("a chat record needs a non-empty 'messages' list of {'role', "
                                "'content'} dicts; fix the data or use data.format='alpaca'.")
-  template = template or CHAT_TURN
-  if template.count("{content}") != 1:
-    raise InstructionDataError(f"the chat template {template!r} must contain {{content}} exactly "
-                               f"once (and optionally {{role}} / {{Role}}).")
-  head, tail = template.split("{content}")
-  tokens, mask = [tokenizer.bos_id], [0.0]
   if not any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages):
     raise InstructionDataError("a chat record has no 'assistant' message, so nothing would be "
                                "trained on; drop it or add the response.")
+  tokens, mask = [tokenizer.bos_id], [0.0]
   for m in messages:
-    role = m.get("role") if isinstance(m, Mapping) else None
-    if role not in ROLES:
-      raise InstructionDataError(f"chat message role {role!r} is not one of {ROLES}; fix the data.")
-    names = {"role": role, "Role": role.capitalize()}
-    before = _encode(tokenizer, head.format(**names))
-    content = _encode(tokenizer, text_field(m, "content"))
-    after = _encode(tokenizer, tail.format(**names))
-    trained = role == "assistant"
-    tokens += before
-    mask += [0.0] * len(before)
-    tokens += content + ([tokenizer.eos_id] if trained else [])
-    mask += [1.0 if trained else 0.0] * (len(content) + (1 if trained else 0))
-    tokens += after
-    mask += [0.0] * len(after)
+    header, body, footer = chat_turn(tokenizer, m, template)
+    trained = float(m["role"] == "assistant")
+    tokens += header + body + footer
+    mask += [0.0] * len(header) + [trained] * len(body) + [0.0] * len(footer)
   if tokens[-1] != tokenizer.eos_id:
     tokens.append(tokenizer.eos_id)
     mask.append(0.0)

@@ -203,18 +203,19 @@ def pack_documents(docs, seq_len: int, **kwargs) -> grain.IterDataset:
 
 @dataclasses.dataclass(frozen=True)
 class PadBatch(grain.transforms.Map):
-  """Pads a final partial batch with empty rows (segment_ids 0, loss_mask 0)."""
+  """Pads a final partial batch with empty rows: ``pad_id`` in every ``*inputs`` and
+  ``*targets`` array, 0 elsewhere (segment ids, loss masks)."""
 
   batch_size: int
   pad_id: int
 
   def map(self, batch):
-    n = len(batch["inputs"])
+    n = len(next(iter(batch.values())))
     if n == self.batch_size:
       return batch
     out = {}
     for k, v in batch.items():
-      fill = self.pad_id if k in ("inputs", "targets") else 0
+      fill = self.pad_id if k.endswith(("inputs", "targets")) else 0
       pad = np.full((self.batch_size - n, *v.shape[1:]), fill, dtype=v.dtype)
       out[k] = np.concatenate([v, pad])
     return out
