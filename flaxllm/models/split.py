@@ -46,18 +46,10 @@ def logits(cfg: ModelConfig, params, batch, rng=None):
   return head_logits(cfg, params, hidden_states(cfg, params, batch, rng))
 
 
-def chunked_sums(fn: Callable[..., dict], xs: tuple, chunk: Optional[int]) -> dict:
-  """sum over sequence chunks of `fn(*chunk_of_xs) -> dict of scalar sums`.
-
-  `xs`: arrays [batch, seq, ...] (hidden states, targets, mask, ...); the LAST one must be the
-  mask (padding added to reach a multiple of `chunk` gets mask 0). With `chunk` None/0 or
-  >= seq, `fn` sees the whole sequence. Otherwise `lax.scan` runs `jax.checkpoint(fn)` chunk
-  by chunk: a chunk's logits are recomputed in the backward pass instead of being stored, so
-  peak memory holds one chunk of logits instead of all of them.
-  """
+def _chunked(xs: tuple, chunk: int):
+  """The arrays `xs` [batch, seq, ...] as [n, batch, chunk, ...] (the seq axis padded with zeros
+  to a multiple of `chunk`), and n."""
   seq = xs[0].shape[1]
-  if not chunk or chunk >= seq:
-    return fn(*xs)
   n = -(-seq // chunk)
   pad = n * chunk - seq
 
@@ -67,6 +59,21 @@ def chunked_sums(fn: Callable[..., dict], xs: tuple, chunk: Optional[int]) -> di
     x = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
     return jnp.moveaxis(x, 1, 0)          # [n, batch, chunk, ...]
 
+  return tuple(split(x) for x in xs), n
+
+
+def chunked_sums(fn: Callable[..., dict], xs: tuple, chunk: Optional[int]) -> dict:
+  """sum over sequence chunks of `fn(*chunk_of_xs) -> dict of scalar sums`.
+
+  `xs`: arrays [batch, seq, ...] (hidden states, targets, mask, ...); the LAST one must be the
+  mask (padding added to reach a multiple of `chunk` gets mask 0). With `chunk` None/0 or
+  >= seq, `fn` sees the whole sequence. Otherwise `lax.scan` runs `jax.checkpoint(fn)` chunk
+  by chunk: a chunk's logits are recomputed in the backward pass instead of being stored, so
+  peak memory holds one chunk of logits instead of all of them.
+  """
+  if not chunk or chunk >= xs[0].shape[1]:
+    return fn(*xs)
+  chunks, _ = _chunked(xs, chunk)
   body_fn = jax.checkpoint(fn)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                        jax.eval_shape(fn, *[x[:, :chunk] for x in xs]))
@@ -74,9 +81,22 @@ def chunked_sums(fn: Callable[..., dict], xs: tuple, chunk: Optional[int]) -> di
   def body(carry, chunk_xs):
     return jax.tree.map(jnp.add, carry, body_fn(*chunk_xs)), None
 
-  sums, _ = jax.lax.scan(body, zeros, tuple(split(x) for x in xs))
+  sums, _ = jax.lax.scan(body, zeros, chunks)
   return sums
 
 
-__all__ = ['hidden_states', 'head_logits', 'head_params', 'logits',
-           'chunked_sums']
+def chunked_map(fn: Callable[..., jax.Array], xs: tuple, chunk: Optional[int]) -> jax.Array:
+  """`fn(*xs)` [batch, seq, ...] computed over sequence chunks of `chunk` positions (`fn` maps
+  chunks [batch, chunk, ...] to [batch, chunk, ...]), each under `jax.checkpoint` as in
+  `chunked_sums`: per-token values (log-probs) without the whole [batch, seq, vocab] logits."""
+  seq = xs[0].shape[1]
+  if not chunk or chunk >= seq:
+    return fn(*xs)
+  chunks, n = _chunked(xs, chunk)
+  ys = jax.lax.map(lambda c: jax.checkpoint(fn)(*c), chunks)      # [n, batch, chunk, ...]
+  ys = jnp.moveaxis(ys, 0, 1)
+  return ys.reshape(ys.shape[0], n * chunk, *ys.shape[3:])[:, :seq]
+
+
+__all__ = ['hidden_states', 'head_logits', 'head_params', 'logits', 'chunked_sums',
+           'chunked_map']

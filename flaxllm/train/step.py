@@ -124,8 +124,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable:
-  """(params, batch, frozen) -> {'ce': summed CE over masked tokens, 'tokens': their count}."""
+  """(params, batch, frozen) -> the sums of `loss_fn` ('ce', 'tokens' and the objective's
+  others), summed over batches and divided once by `evaluate`."""
   def eval_step(params, batch, frozen=None):
-    _, sums = loss_fn(params, {} if frozen is None else frozen, batch, None)
-    return {'ce': sums['ce'], 'tokens': sums['tokens']}
+    return loss_fn(params, {} if frozen is None else frozen, batch, None)[1]
   return eval_step

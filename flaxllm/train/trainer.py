@@ -394,16 +394,15 @@ class DataFeed:
 
 
 def evaluate(eval_step, params, frozen, batches) -> dict:
-  """val_loss (mean CE per token), val_ppl and val_tokens over the sharded `batches` (an
-  iterable)."""
+  """val_loss (mean CE per token), val_ppl, val_tokens and every other sum of the eval LossFn
+  per token as val_<metric> (as the train step names them) over the sharded `batches`."""
   sums = jax.device_get([eval_step(params, batch, frozen) for batch in batches])
-  ce = float(sum(s['ce'] for s in sums))
-  tokens = float(sum(s['tokens'] for s in sums))
-  if not tokens:
+  total = {k: float(sum(s[k] for s in sums)) for k in sums[0]}
+  if not total['tokens']:
     raise TrainError('the validation split has no tokens; raise data.val_fraction or add files.')
-  val_loss = ce / tokens
-  return {'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 700.0)),
-          'val_tokens': int(tokens)}
+  result = {f'val_{k}': float(v) for k, v in step_lib.per_token_metrics(total).items()}
+  return {**result, 'val_ppl': math.exp(min(result['val_loss'], 700.0)),
+          'val_tokens': int(total['tokens'])}
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None,
