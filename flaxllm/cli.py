@@ -9,6 +9,7 @@
                     | --config=SWEEP.py --export-wandb=sweep.yaml [--method=grid|random|bayes]
   flaxllm scaling   fit --sweep-dir=runs/scaling [--target-flops=1e15]  |  table --sweep-dir=...
   flaxllm distill-data --mode=topk|sequences --teacher=DIR --out=DIR [--config=SPEC ...]
+  flaxllm reward    --model=REWARD_RUN --data=pairs.jsonl         # a reward model's accuracy
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ COMMANDS = {
     'sweep': ('flaxllm.sweeps.main', 'sweep_main'),
     'scaling': ('flaxllm.sweeps.main', 'scaling_main'),
     'distill-data': ('flaxllm.train.distill_data', 'main'),
+    'reward': ('flaxllm.train.reward_cmd', 'main'),
 }
 
 

@@ -703,9 +703,13 @@ def _flatten_paths(tree, prefix=()) -> dict[tuple[str, ...], Any]:
 
 
 def save(model_config, params, path: str, *, dtype=None,
-         max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> None:
+         max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False, score_kernel=None,
+         pad_token_id=None) -> None:
   """Writes `params` as a Hugging Face checkpoint directory that
-  `transformers.AutoModelForCausalLM.from_pretrained(path)` loads.
+  `transformers.AutoModelForCausalLM.from_pretrained(path)` loads; with `score_kernel`
+  [embed, num_labels] (a reward model's head) a LLaMA-family sequence classifier instead
+  (`LlamaForSequenceClassification`: the decoder without its LM head, `score.weight`, and
+  `pad_token_id`, which transformers uses to find each row's last token).
 
   Args:
     model_config: ModelConfig (or dict) of a LLaMA-, Mistral- or GPT-2-shaped decoder.
@@ -717,18 +721,27 @@ def save(model_config, params, path: str, *, dtype=None,
     max_shard_size: bytes (int) or a string like '5GB' / '200MB'; larger checkpoints are split
       into model-0000i-of-0000n.safetensors shards with model.safetensors.index.json.
     overwrite: replace `path` whatever it holds.
+    score_kernel, pad_token_id: see above.
   """
   cfg = ModelConfig.from_dict(model_config)
   family = export_family(cfg)
+  if score_kernel is not None and family == 'gpt2':
+    raise HFInteropError('a sequence classifier is exported for LLaMA-family models only.')
   path = os.path.realpath(os.fspath(path))
   native.check_destination(path, is_hf_export, 'Hugging Face', overwrite)
   params = nn.meta.unbox(params)
   if set(params) == {'params'}:
     params = params['params']
   params = dict(params)
+  groups = tensor_groups('gpt2' if family == 'gpt2' else 'llama', cfg)
+  if score_kernel is not None:   # the decoder without its LM head, then the score
+    params.pop('lm_head', None)
+    params['score'] = {'kernel': np.asarray(score_kernel)}
+    labels = np.shape(score_kernel)[1]
+    groups = [g for g in groups if g.hf != ('lm_head.weight',)]
+    groups.append(_linear_t('score.weight', ('score', 'kernel'), (labels,), cfg.d_model))
   leaves = _flatten_paths(params)
   scanned = any(p[:2] == ('decoder', 'layers') for p in leaves)
-  groups = tensor_groups('gpt2' if family == 'gpt2' else 'llama', cfg)
   out_dtype = _np_dtype(dtype)
 
   # Validate the tree before writing anything.
@@ -795,8 +808,12 @@ def save(model_config, params, path: str, *, dtype=None,
       with open(os.path.join(staging, INDEX_NAME), 'w') as f:
         json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2,
                   sort_keys=True)
+    hf_config = config_to_hf(cfg, hf_dtype)
+    if score_kernel is not None:
+      hf_config.update(architectures=['LlamaForSequenceClassification'],
+                       num_labels=int(np.shape(score_kernel)[1]), pad_token_id=pad_token_id)
     with open(os.path.join(staging, CONFIG_NAME), 'w') as f:
-      json.dump(config_to_hf(cfg, hf_dtype), f, indent=2, sort_keys=True)
+      json.dump(hf_config, f, indent=2, sort_keys=True)
     with open(os.path.join(staging, EXPORT_MARKER), 'w') as f:
       json.dump({'files': written}, f, indent=2)
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from flaxllm import generate as generate_lib
-from flaxllm import models, rundir
+from flaxllm import models, parallel, rundir
 from flaxllm.data import pipeline
 from flaxllm.models.config import ConfigError, ModelConfig
 from flaxllm.objectives import finetune as finetune_lib
@@ -50,6 +50,16 @@ MODEL = rundir.MODEL_KEY   # the model's part of the trainable tree
 # The layout of a packed language-model batch (flaxllm.data.make_iterator): name -> dtype.
 LM_BATCH = {'inputs': jnp.int32, 'targets': jnp.int32, 'positions': jnp.int32,
             'segment_ids': jnp.int32, 'loss_mask': jnp.float32}
+
+
+def sharded_abstract_params(model_cfg: ModelConfig, mesh, rules):
+  """The params of a model of `model_cfg` as ShapeDtypeStructs sharded over `mesh` by the
+  logical-axis `rules` (a frozen model to load: a teacher, a reference)."""
+  model = models.build(model_cfg)
+  shapes, _ = parallel.abstract_state(lambda r: models.init_params(model, r), mesh, rules,
+                                      jax.random.PRNGKey(0),
+                                      param_specs=parallel.param_specs(model))
+  return shapes
 
 
 def sample_section() -> ConfigDict:

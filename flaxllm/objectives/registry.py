@@ -7,12 +7,16 @@ from ml_collections import ConfigDict
 
 from flaxllm.models.config import ConfigError
 from flaxllm.objectives import base, finetune, lm, seq2seq
+from flaxllm.objectives.align.dpo import DirectPreference
+from flaxllm.objectives.align.reward import RewardModel
 from flaxllm.objectives.distill.objective import Distillation
 
 REGISTRY: dict[str, type[base.Objective]] = {
     'lm': lm.LanguageModel,
     'distill': Distillation,
     'seq2seq': seq2seq.Seq2Seq,
+    'reward': RewardModel,
+    'dpo': DirectPreference,
 }
 
 

@@ -26,15 +26,14 @@ refuses one that cannot teach this student, before anything compiles.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
-
 import os
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from flaxllm import models, parallel, rundir
+from flaxllm import rundir
 from flaxllm.models import split as split_lib
 from flaxllm.models.config import ConfigError, ModelConfig, require
 from flaxllm.objectives import base, lm
@@ -253,10 +252,7 @@ class Distillation(lm.LanguageModel):
     """{'teacher': its params} sharded like any model of the teacher's config (none offline)."""
     if self.teacher is None or self.settings.offline:
       return {}
-    model = models.build(self.teacher.model_cfg)
-    shapes, _ = parallel.abstract_state(
-        lambda r: models.init_params(model, r), mesh, rules, jax.random.PRNGKey(0),
-        param_specs=parallel.param_specs(model))
+    shapes = base.sharded_abstract_params(self.teacher.model_cfg, mesh, rules)
     if abstract:
       return {'teacher': shapes}
     return {'teacher': rundir.load_params(self.teacher.path, shapes, what='distill.teacher',

@@ -1,0 +1,189 @@
+"""Direct preference optimisation and its relatives (`objective='dpo'`, settings in
+`config.dpo`): the policy learns from (prompt, chosen, rejected) pairs without a reward model.
+
+    flaxllm train --config=experiments/rlhf/config.py:step=dpo --workdir=runs/rlhf/dpo
+
+`dpo.loss_type` is one of `losses.PAIRED_LOSSES`: sigmoid (DPO; with `label_smoothing` cDPO),
+hinge, ipo, robust, and the reference-free simpo and orpo (formulas and their TRL
+counterparts in `flaxllm.objectives.align.losses`). Each step runs the decoder once over the
+stacked chosen and rejected rows (`sequences.stack_pair`), with the head and log-softmax over
+`dpo.chunk_size` positions at a time in float32; a sequence's log-prob is the sum over its
+response tokens (the data's loss mask).
+
+The reference model:
+  * LoRA / QLoRA: the base with the adapters switched off, `frozen['base']` itself: no second
+    copy of the weights;
+  * full or freeze fine-tuning: a frozen copy of the starting params, `frozen['reference']`;
+  * `dpo.reference=<dir>`: another model (a flaxllm workdir, model directory or Hugging Face
+    directory, checked against the policy's shapes), loaded once into `frozen['reference']`.
+It runs under `stop_gradient` and is never updated. The loss is the mean over pairs (`tokens`
+counts pairs, so accumulation is exact); metrics per pair: `rewards_chosen`,
+`rewards_rejected`, `margin`, `accuracy` (chosen reward above rejected), `logps_chosen`,
+`logps_rejected`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+from flaxllm import rundir
+from flaxllm.data import preference
+from flaxllm.models.config import ConfigError, require
+from flaxllm.objectives import base, finetune
+from flaxllm.objectives.align import losses
+from flaxllm.objectives.align import sequences
+
+
+def config_section() -> ConfigDict:
+  """`config.dpo` (objective='dpo')."""
+  c = ConfigDict()
+  c.loss_type = 'sigmoid'          # one of losses.PAIRED_LOSSES
+  c.beta = 0.1                     # the KL strength (ORPO: the odds-ratio weight lambda)
+  c.label_smoothing = 0.0          # cDPO / robust DPO's label noise, SimPO's smoothing
+  c.simpo_gamma = 0.5              # SimPO's target margin
+  c.cpo_alpha = 0.0                # SimPO: weight of the chosen responses' NLL (SimPO: 0)
+  c.reference = ''                 # '': adapters off (LoRA/QLoRA) or a frozen copy of the start;
+  #                                  or a flaxllm workdir / model dir / HF dir
+  c.max_prompt_len = 0             # prompt tokens kept (from the left); 0 = seq_len // 2
+  c.chunk_size = 128               # positions per head chunk; 0 = all at once
+  return c
+
+
+def pair_logps(cfg, params, batch, *, chunk_size: int, rng=None):
+  """(chosen, rejected) summed response log-probs [B] and (chosen, rejected) response lengths
+  [B] and the chosen responses' mean token NLL (a scalar), from one forward over both sides."""
+  rows = sequences.stack_pair(batch)
+  token_logps = sequences.token_logps(cfg, params, rows, chunk_size=chunk_size, rng=rng)
+  mask = rows['loss_mask'].astype(jnp.float32)
+  seq = losses.sequence_logps(token_logps, mask)
+  lengths = jnp.sum(mask, axis=-1)
+  half = seq.shape[0] // 2
+  nll = -jnp.sum(seq[:half]) / jnp.maximum(jnp.sum(lengths[:half]), 1.0)
+  return (seq[:half], seq[half:]), (lengths[:half], lengths[half:]), nll
+
+
+class DirectPreference(base.Objective):
+  """`objective='dpo'`: DPO and its relatives on paired preference data."""
+  name = 'dpo'
+  section = 'dpo'
+
+  @classmethod
+  def config_section(cls) -> ConfigDict:
+    return config_section()
+
+  @classmethod
+  def check_section(cls, config) -> None:
+    super().check_section(config)
+    d = config.dpo
+    require(d.loss_type in losses.PAIRED_LOSSES,
+            f'dpo.loss_type={d.loss_type!r} is not known; choose one of '
+            f'{losses.PAIRED_LOSSES}.')
+    require(d.beta > 0, f'dpo.beta={d.beta} must be positive; use e.g. 0.1.')
+    limit = 0.5 if d.loss_type == 'robust' else 1.0
+    require(0.0 <= d.label_smoothing < limit,
+            f'dpo.label_smoothing={d.label_smoothing} must be in [0, {limit}).')
+    require(0 <= d.max_prompt_len <= config.seq_len and d.chunk_size >= 0,
+            f'dpo.max_prompt_len={d.max_prompt_len} must be in [0, seq_len] and dpo.chunk_size '
+            '>= 0.')
+    if d.loss_type in losses.REFERENCE_FREE:
+      require(not d.reference, f'dpo.loss_type={d.loss_type!r} uses no reference model; set '
+                               "dpo.reference=''.")
+    if config.finetune.method in ('lora', 'qlora') and not d.reference:
+      require(config.finetune.init != 'pissa',
+              "the adapters-off reference of LoRA is the base, but with finetune.init='pissa' "
+              'the base is a residual, not the starting model; set dpo.reference=<the model> or '
+              "another finetune.init.")
+
+  def check(self, tokenizer) -> None:
+    """The data holds pairs (one sentence if not, or if a record cannot be trained on)."""
+    del tokenizer
+    check_paired_data(self.config)
+
+  def _reference_in_base(self) -> bool:
+    """Whether the reference is the frozen base with the adapters off (LoRA / QLoRA)."""
+    return isinstance(self.finetune, finetune.LoRA) and not self.config.dpo.reference
+
+  def _needs_copy(self) -> bool:
+    return (self.config.dpo.loss_type not in losses.REFERENCE_FREE and
+            not self.config.dpo.reference and not self._reference_in_base())
+
+  def split(self, params, rng):
+    """The fine-tuning split, plus a frozen copy of the starting params as the reference when
+    the policy trains them itself."""
+    trainable, frozen = super().split(params, rng)
+    if self._needs_copy():
+      frozen['reference'] = jax.tree.map(jnp.copy, params)
+    return trainable, frozen
+
+  def frozen_specs(self, param_specs, abstract_frozen):
+    specs = super().frozen_specs(param_specs, abstract_frozen)
+    if 'reference' in abstract_frozen:
+      specs['reference'] = param_specs
+    return specs
+
+  def load_frozen(self, mesh, rules, *, abstract: bool = False) -> dict:
+    """{'reference': the model of `dpo.reference`}, sharded like the policy's params."""
+    path = self.config.dpo.reference
+    if not path:
+      return {}
+    shapes = base.sharded_abstract_params(self.model_cfg, mesh, rules)
+    if abstract:
+      return {'reference': shapes}
+    return {'reference': rundir.load_params(path, shapes, what='dpo.reference')}
+
+  def reference_params(self, frozen):
+    """The reference model's params (the base with adapters off, or frozen['reference'])."""
+    return frozen['base'] if self._reference_in_base() else frozen['reference']
+
+  def train_loss(self, model) -> base.LossFn:
+    d, cfg = self.config.dpo, self.model_cfg
+    reference_free = d.loss_type in losses.REFERENCE_FREE
+
+    def loss_fn(params, frozen, batch, rng=None):
+      (pc, pr), (lc, lr), nll = pair_logps(cfg, self.model_params(params, frozen), batch,
+                                           chunk_size=d.chunk_size, rng=rng)
+      rc = rr = None
+      if not reference_free:
+        ref = jax.lax.stop_gradient(self.reference_params(frozen))
+        (rc, rr), _, _ = pair_logps(cfg, ref, batch, chunk_size=d.chunk_size)
+      pair_losses, chosen_rewards, rejected_rewards = losses.dpo_losses(
+          pc, pr, rc, rr, loss_type=d.loss_type, beta=d.beta, label_smoothing=d.label_smoothing,
+          chosen_lengths=lc, rejected_lengths=lr, simpo_gamma=d.simpo_gamma,
+          cpo_alpha=d.cpo_alpha, chosen_nll=nll)
+      real = (lc > 0).astype(jnp.float32)            # padding rows of a final batch: no pair
+      total = lambda x: jnp.sum(x * real)
+      sums = {'ce': total(pair_losses), 'tokens': jnp.sum(real),
+              'rewards_chosen': total(chosen_rewards), 'rewards_rejected': total(rejected_rewards),
+              'margin': total(chosen_rewards - rejected_rewards),
+              'accuracy': total((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+              'logps_chosen': total(jax.lax.stop_gradient(pc)),
+              'logps_rejected': total(jax.lax.stop_gradient(pr))}
+      return sums['ce'], sums
+    return loss_fn
+
+  def data_iterator(self, tokenizer, split: str, *, seq_len: int, **kw):
+    return preference.make_preference_iterator(
+        self.config.data, tokenizer, split=split, seq_len=seq_len,
+        max_prompt_len=self.config.dpo.max_prompt_len or None, **kw)
+
+  def batch_shapes(self, batch_size: int, seq_len: int) -> dict:
+    return {f'{side}_{k}': shape for side in preference.SIDES
+            for k, shape in super().batch_shapes(batch_size, seq_len).items()}
+
+  def sample(self, plain_params, tokenizer):
+    del plain_params, tokenizer
+    return None
+
+
+def check_paired_data(config):
+  """ConfigError unless the data holds pairs that can all be trained on."""
+  try:
+    kind = preference.record_kind(config.data)
+    if kind != 'paired':
+      raise ConfigError(f"objective={config.objective!r} trains on (prompt, chosen, rejected) "
+                        f'pairs but {config.data.path} holds {kind} records; give paired data '
+                        '(or use a loss for that kind).')
+    preference.check_records(config.data, 'paired')
+  except ValueError as e:
+    raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e
