@@ -9,12 +9,11 @@ import os
 import random
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flaxllm import config as config_lib
-from flaxllm import models, parallel, rundir
+from flaxllm import models, parallel
 from flaxllm.data.tokenizer import ByteTokenizer
 from flaxllm.interop import native
 from flaxllm.models.config import ConfigError
