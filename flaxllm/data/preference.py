@@ -232,7 +232,7 @@ def response_ids(tokenizer: Tokenizer, response: str | Sequence[Mapping[str, Any
   return [*tokenizer.encode(_response_text(response)), tokenizer.eos_id]
 
 
-def _cut_prompt(ids: list[int], max_prompt_len: int) -> list[int]:
+def cut_prompt(ids: list[int], max_prompt_len: int) -> list[int]:
   """BOS and the last ``max_prompt_len - 1`` tokens of a prompt longer than ``max_prompt_len``."""
   return ids if len(ids) <= max_prompt_len else [ids[0], *ids[len(ids) - max_prompt_len + 1 :]]
 
@@ -269,7 +269,7 @@ class _RecordToRow(grain.transforms.Map):
   def map(self, item):
     index, record = item
     tok = self.tokenizer
-    prompt = _cut_prompt(prompt_ids(tok, record["prompt"], self.template), self.max_prompt_len)
+    prompt = cut_prompt(prompt_ids(tok, record["prompt"], self.template), self.max_prompt_len)
     if self.kind == "prompts":
       tokens = np.full(self.max_prompt_len, tok.pad_id, np.int32)
       tokens[self.max_prompt_len - len(prompt) :] = prompt
@@ -472,7 +472,7 @@ def truncation_stats(data_config: Any, tokenizer: Tokenizer, *, split: str, seq_
   for record in records:
     prompt = prompt_ids(tokenizer, record["prompt"], template)
     responses = [response_ids(tokenizer, record[key]) for key in _RESPONSES[kind]]
-    room = seq_len + 1 - len(_cut_prompt(prompt, max_prompt_len))
+    room = seq_len + 1 - len(cut_prompt(prompt, max_prompt_len))
     stats["prompt_truncated"] += len(prompt) > max_prompt_len
     stats["response_truncated"] += any(len(r) > room for r in responses)
     stats["prompt_tokens"] = max(stats["prompt_tokens"], len(prompt))

@@ -157,9 +157,15 @@ class Objective:
   def train_loss(self, model) -> LossFn:
     raise NotImplementedError(f'objective {self.name!r} defines no train_loss.')
 
-  def eval_loss(self, model) -> LossFn:
-    """The validation LossFn (its 'ce' / 'tokens' give val_loss and val_ppl)."""
+  def eval_loss(self, model) -> Optional[LossFn]:
+    """The validation LossFn (its 'ce' / 'tokens' give val_loss and val_ppl), or None when the
+    objective has no validation loss (its `eval_metrics` are the validation)."""
     return self.train_loss(model)
+
+  @property
+  def passes(self) -> int:
+    """Optimisation passes over each batch (GRPO's mu); 1: one update per batch."""
+    return 1
 
   # ---- data --------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from ml_collections import ConfigDict
 from flaxllm.models.config import ConfigError
 from flaxllm.objectives import base, finetune, lm, seq2seq
 from flaxllm.objectives.align.dpo import DirectPreference
+from flaxllm.objectives.align.grpo import GroupRelative
 from flaxllm.objectives.align.reward import RewardModel
 from flaxllm.objectives.distill.objective import Distillation
 
@@ -17,6 +18,7 @@ REGISTRY: dict[str, type[base.Objective]] = {
     'seq2seq': seq2seq.Seq2Seq,
     'reward': RewardModel,
     'dpo': DirectPreference,
+    'grpo': GroupRelative,
 }
 
 

@@ -80,9 +80,11 @@ def _train(argv) -> int:
       print(f'--- sample (prompt {config.sample.prompt!r}) ---\n{summary["sample"]}\n---')
     extra = {k: v for k, v in summary.items() if k not in (
         'step', 'complete', 'preempted', 'sample', 'val_loss', 'val_ppl', 'val_tokens')}
-    print(f'validation loss {summary["val_loss"]:.4f}, perplexity {summary["val_ppl"]:.2f} '
-          f'({summary["val_tokens"]} tokens)' +
-          ''.join(f', {k} {v:.4g}' for k, v in extra.items()), flush=True)
+    parts = [f'{k} {v:.4g}' for k, v in extra.items()]
+    if 'val_loss' in summary:
+      parts.insert(0, f'validation loss {summary["val_loss"]:.4f}, perplexity '
+                      f'{summary["val_ppl"]:.2f} ({summary["val_tokens"]} tokens)')
+    print(', '.join(parts), flush=True)
   return 0
 
 

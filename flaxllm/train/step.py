@@ -90,17 +90,17 @@ def per_token_metrics(sums: dict) -> dict:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: Callable, *,
                     accum_steps: int = 1, skip_nonfinite: bool = False,
-                    use_dropout: bool = False) -> Callable:
-  """(state, batch, frozen) -> (state, metrics): one optimizer update of `state.params` on a
-  token-normalised loss.
+                    use_dropout: bool = False, passes: int = 1) -> Callable:
+  """(state, batch, frozen) -> (state, metrics): an optimizer update of `state.params` on a
+  token-normalised loss; with `passes` > 1 that many updates over the same batch (GRPO's mu
+  passes over one rollout), all at the step's learning rate.
 
-  metrics (float32 scalars): loss (mean CE per token), z_loss and any other per-token loss of
-  `loss_fn`, grad_norm (before clipping), lr, tokens, and skipped (1 when a non-finite update
-  was dropped, with `skip_nonfinite`; the step counter still advances so the data stays aligned).
+  metrics (float32 scalars, the last pass's): loss (mean CE per token), z_loss and any other
+  per-token loss of `loss_fn`, grad_norm (before clipping), lr, tokens, and skipped (1 when a
+  non-finite update was dropped, with `skip_nonfinite`; the step counter still advances so the
+  data stays aligned).
   """
-  def train_step(state: TrainState, batch, frozen=None):
-    frozen = {} if frozen is None else frozen
-    rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
+  def update(state: TrainState, batch, frozen, rng):
     grads, sums = grads_and_sums(loss_fn, state.params, frozen, batch,
                                  accum_steps=accum_steps, rng=rng)
     tokens = jnp.maximum(sums['tokens'], 1.0)
@@ -117,8 +117,19 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     metrics.update(grad_norm=grad_norm, lr=jnp.asarray(schedule(state.step), jnp.float32),
                    tokens=sums['tokens'],
                    skipped=jnp.where(finite, 0.0, 1.0) if skip_nonfinite else jnp.zeros(()))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, metrics
+    return state.replace(params=params, opt_state=opt_state), metrics
+
+  def train_step(state: TrainState, batch, frozen=None):
+    frozen = {} if frozen is None else frozen
+    rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
+    if passes == 1:
+      state, metrics = update(state, batch, frozen, rng)
+    else:
+      def one_pass(s, i):
+        return update(s, batch, frozen, None if rng is None else jax.random.fold_in(rng, i))
+      state, metrics = jax.lax.scan(one_pass, state, jnp.arange(passes))
+      metrics = jax.tree.map(lambda m: m[-1], metrics)
+    return state.replace(step=state.step + 1), metrics
 
   return train_step
 

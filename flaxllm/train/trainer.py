@@ -63,7 +63,7 @@ class Programs(NamedTuple):
   split: Callable            # (params, rng) -> (trainable, frozen dict); params donated
   init: Callable             # (trainable, rng) -> TrainState (trainable is donated)
   train_step: Callable       # (state, batch, frozen) -> (state, metrics); state is donated
-  eval_step: Callable        # (params, batch, frozen) -> {'ce', 'tokens'}
+  eval_step: Any            # (params, batch, frozen) -> loss sums; None: no validation loss
   plain_params: Callable     # (trainable, frozen) -> the model's plain params (adapters merged)
 
 
@@ -111,7 +111,8 @@ def _build_programs(config_json: str, mesh) -> Programs:
   train_step = step_lib.make_train_step(
       objective.train_loss(model), tx, optim.schedule_from_config(config),
       accum_steps=config.optim.accum_steps, skip_nonfinite=config.skip_nonfinite_steps,
-      use_dropout=model_cfg.dropout > 0)
+      use_dropout=model_cfg.dropout > 0, passes=objective.passes)
+  eval_loss = objective.eval_loss(objective.build_model(train=False))
   return Programs(
       objective=objective, model_cfg=model_cfg, mesh=mesh, rules=rules, tx=tx,
       abstract_params=abstract_params, abstract_state=abstract,
@@ -122,8 +123,8 @@ def _build_programs(config_json: str, mesh) -> Programs:
       init=jax.jit(on_mesh(init), out_shardings=state_sh, donate_argnums=(0,)),
       train_step=jax.jit(on_mesh(train_step), out_shardings=(state_sh, replicated),
                          donate_argnums=(0,)),
-      eval_step=jax.jit(on_mesh(step_lib.make_eval_step(
-          objective.eval_loss(objective.build_model(train=False)))), out_shardings=replicated),
+      eval_step=None if eval_loss is None else jax.jit(
+          on_mesh(step_lib.make_eval_step(eval_loss)), out_shardings=replicated),
       plain_params=objective.plain_params)
 
 
@@ -222,9 +223,12 @@ def train(config, workdir: str, devices=None) -> dict:
 
     def validate() -> dict:
       """Validation metrics on the first `eval_batches` batches (the same every time)."""
-      val_iter.set_state(val_start)
-      result = evaluate(programs.eval_step, state.params, frozen,
-                        (feed.to_mesh(b) for _, b in zip(range(config.eval_batches), val_iter)))
+      result = {}
+      if programs.eval_step is not None:
+        val_iter.set_state(val_start)
+        result = evaluate(programs.eval_step, state.params, frozen,
+                          (feed.to_mesh(b) for _, b in zip(range(config.eval_batches),
+                                                           val_iter)))
       return {**result, **objective.eval_metrics(lambda: whole(plain_params()), tokenizer)}
 
     if is_main:  # everything checked: record the experiment, rewind metrics to the state
@@ -411,6 +415,9 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None,
   programs, frozen trees and data rows (`flaxllm eval`)."""
   tokenizer = run_tokenizer(workdir, config)
   programs = build_programs(config)
+  if programs.eval_step is None:
+    raise ConfigError(f'objective={config.objective!r} has no validation loss to evaluate; its '
+                      f'validation metrics are in {workdir}/{rundir.METRICS_FILE}.')
   checkpoints = rundir.Checkpoints(workdir, read_only=True)
   try:
     steps = checkpoints.steps()

@@ -27,12 +27,10 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from flaxllm import rundir
 from flaxllm.data import preference
 from flaxllm.models.config import ConfigError, require
-from flaxllm.objectives import base, finetune
-from flaxllm.objectives.align import losses
-from flaxllm.objectives.align import sequences
+from flaxllm.objectives import base
+from flaxllm.objectives.align import losses, reference, sequences
 
 
 def config_section() -> ConfigDict:
@@ -63,10 +61,13 @@ def pair_logps(cfg, params, batch, *, chunk_size: int, rng=None):
   return (seq[:half], seq[half:]), (lengths[:half], lengths[half:]), nll
 
 
-class DirectPreference(base.Objective):
+class DirectPreference(reference.WithReference):
   """`objective='dpo'`: DPO and its relatives on paired preference data."""
   name = 'dpo'
   section = 'dpo'
+
+  def uses_reference(self) -> bool:
+    return self.config.dpo.loss_type not in losses.REFERENCE_FREE
 
   @classmethod
   def config_section(cls) -> ConfigDict:
@@ -89,52 +90,12 @@ class DirectPreference(base.Objective):
     if d.loss_type in losses.REFERENCE_FREE:
       require(not d.reference, f'dpo.loss_type={d.loss_type!r} uses no reference model; set '
                                "dpo.reference=''.")
-    if config.finetune.method in ('lora', 'qlora') and not d.reference:
-      require(config.finetune.init != 'pissa',
-              "the adapters-off reference of LoRA is the base, but with finetune.init='pissa' "
-              'the base is a residual, not the starting model; set dpo.reference=<the model> or '
-              "another finetune.init.")
+    reference.check_reference_settings(config, 'dpo')
 
   def check(self, tokenizer) -> None:
     """The data holds pairs (one sentence if not, or if a record cannot be trained on)."""
     del tokenizer
     check_paired_data(self.config)
-
-  def _reference_in_base(self) -> bool:
-    """Whether the reference is the frozen base with the adapters off (LoRA / QLoRA)."""
-    return isinstance(self.finetune, finetune.LoRA) and not self.config.dpo.reference
-
-  def _needs_copy(self) -> bool:
-    return (self.config.dpo.loss_type not in losses.REFERENCE_FREE and
-            not self.config.dpo.reference and not self._reference_in_base())
-
-  def split(self, params, rng):
-    """The fine-tuning split, plus a frozen copy of the starting params as the reference when
-    the policy trains them itself."""
-    trainable, frozen = super().split(params, rng)
-    if self._needs_copy():
-      frozen['reference'] = jax.tree.map(jnp.copy, params)
-    return trainable, frozen
-
-  def frozen_specs(self, param_specs, abstract_frozen):
-    specs = super().frozen_specs(param_specs, abstract_frozen)
-    if 'reference' in abstract_frozen:
-      specs['reference'] = param_specs
-    return specs
-
-  def load_frozen(self, mesh, rules, *, abstract: bool = False) -> dict:
-    """{'reference': the model of `dpo.reference`}, sharded like the policy's params."""
-    path = self.config.dpo.reference
-    if not path:
-      return {}
-    shapes = base.sharded_abstract_params(self.model_cfg, mesh, rules)
-    if abstract:
-      return {'reference': shapes}
-    return {'reference': rundir.load_params(path, shapes, what='dpo.reference')}
-
-  def reference_params(self, frozen):
-    """The reference model's params (the base with adapters off, or frozen['reference'])."""
-    return frozen['base'] if self._reference_in_base() else frozen['reference']
 
   def train_loss(self, model) -> base.LossFn:
     d, cfg = self.config.dpo, self.model_cfg
