@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from flaxllm import models, rundir
+from flaxllm.objectives import base as objective_base
 from flaxllm.objectives.distill import divergences as losses
 from flaxllm.objectives.distill import objective as loss_lib
 from flaxllm.objectives.distill import teacher as teacher_lib
@@ -382,8 +383,9 @@ def test_on_policy_batches_are_student_samples_scored_without_ce():
   choices = [policy.chooses(t) for t in range(40)]
   assert 8 < sum(choices) < 32 and choices == [policy.chooses(t) for t in range(40)]
   t_data = choices.index(False)
-  assert np.all(policy(t_data, batch, lambda: params)['ce_weight'] == 1)
-  out = policy(choices.index(True), batch, lambda: params)
+  view = objective_base.Policy(None, {}, lambda: params)
+  assert np.all(policy(t_data, batch, view)['ce_weight'] == 1)
+  out = policy(choices.index(True), batch, view)
   assert {k: v.shape for k, v in out.items()} == {**{k: v.shape for k, v in batch.items()},
                                                   'ce_weight': (4,)}
   assert np.all(out['ce_weight'] == 0)

@@ -32,7 +32,7 @@ key k is reported as `sums[k] / tokens` (flaxllm.train.step).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,13 @@ MODEL = rundir.MODEL_KEY   # the model's part of the trainable tree
 # The layout of a packed language-model batch (flaxllm.data.make_iterator): name -> dtype.
 LM_BATCH = {'inputs': jnp.int32, 'targets': jnp.int32, 'positions': jnp.int32,
             'segment_ids': jnp.int32, 'loss_mask': jnp.float32}
+
+
+class Policy(NamedTuple):
+  """The model being trained, as a batch hook sees it before a step."""
+  trainable: Any                 # the trainable tree (sharded)
+  frozen: dict                   # the frozen trees
+  plain: Callable[[], Any]       # () -> the model's plain params (adapters merged)
 
 
 def sharded_abstract_params(model_cfg: ModelConfig, mesh, rules):
@@ -164,7 +171,12 @@ class Objective:
 
   @property
   def passes(self) -> int:
-    """Optimisation passes over each batch (GRPO's mu); 1: one update per batch."""
+    """Optimisation passes over each batch (GRPO's mu, PPO's epochs); 1: one per batch."""
+    return 1
+
+  @property
+  def minibatches(self) -> int:
+    """Updates per pass, each on a part of the batch (PPO's minibatches); 1: the whole."""
     return 1
 
   # ---- data --------------------------------------------------------------------------------
@@ -178,8 +190,9 @@ class Objective:
     return {k: ((batch_size, seq_len), dtype) for k, dtype in LM_BATCH.items()}
 
   def batch_hook(self, tokenizer, rows: slice) -> Optional[Callable]:
-    """`hook(step, host_batch, plain_params_fn) -> host_batch`, run on the host before each
-    train step (`step` 0-based; `rows` this process's rows of the global batch), or None."""
+    """`hook(step, host_batch, policy) -> host_batch`, run on the host before each train step
+    (`step` 0-based; `policy` the `Policy` now; `rows` this process's rows of the global
+    batch), or None."""
     del tokenizer, rows
     return None
 

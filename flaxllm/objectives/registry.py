@@ -9,6 +9,7 @@ from flaxllm.models.config import ConfigError
 from flaxllm.objectives import base, finetune, lm, seq2seq
 from flaxllm.objectives.align.dpo import DirectPreference
 from flaxllm.objectives.align.grpo import GroupRelative
+from flaxllm.objectives.align.ppo import ProximalPolicy
 from flaxllm.objectives.align.reward import RewardModel
 from flaxllm.objectives.distill.objective import Distillation
 
@@ -19,6 +20,7 @@ REGISTRY: dict[str, type[base.Objective]] = {
     'reward': RewardModel,
     'dpo': DirectPreference,
     'grpo': GroupRelative,
+    'ppo': ProximalPolicy,
 }
 
 

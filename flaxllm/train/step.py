@@ -90,10 +90,12 @@ def per_token_metrics(sums: dict) -> dict:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: Callable, *,
                     accum_steps: int = 1, skip_nonfinite: bool = False,
-                    use_dropout: bool = False, passes: int = 1) -> Callable:
+                    use_dropout: bool = False, passes: int = 1,
+                    minibatches: int = 1) -> Callable:
   """(state, batch, frozen) -> (state, metrics): an optimizer update of `state.params` on a
-  token-normalised loss; with `passes` > 1 that many updates over the same batch (GRPO's mu
-  passes over one rollout), all at the step's learning rate.
+  token-normalised loss; with `passes` > 1 that many passes over the same batch (GRPO's mu
+  passes over one rollout, PPO's epochs), each of `minibatches` updates on as many parts of
+  the batch (rows i, i + minibatches, ...), all at the step's learning rate.
 
   metrics (float32 scalars, the last pass's): loss (mean CE per token), z_loss and any other
   per-token loss of `loss_fn`, grad_norm (before clipping), lr, tokens, and skipped (1 when a
@@ -122,12 +124,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
   def train_step(state: TrainState, batch, frozen=None):
     frozen = {} if frozen is None else frozen
     rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
-    if passes == 1:
+    if passes == 1 and minibatches == 1:
       state, metrics = update(state, batch, frozen, rng)
     else:
-      def one_pass(s, i):
-        return update(s, batch, frozen, None if rng is None else jax.random.fold_in(rng, i))
-      state, metrics = jax.lax.scan(one_pass, state, jnp.arange(passes))
+      parts = _split_micro(batch, minibatches)            # [minibatches, rows / minibatches]
+
+      def one_update(s, i):
+        part = jax.tree.map(lambda x: x[i % minibatches], parts)
+        return update(s, part, frozen, None if rng is None else jax.random.fold_in(rng, i))
+      state, metrics = jax.lax.scan(one_update, state, jnp.arange(passes * minibatches))
       metrics = jax.tree.map(lambda m: m[-1], metrics)
     return state.replace(step=state.step + 1), metrics
 

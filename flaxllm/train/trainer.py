@@ -32,6 +32,7 @@ from flaxllm import config as config_lib
 from flaxllm import models, parallel, rundir
 from flaxllm.data import tokenizer as tokenizer_lib
 from flaxllm.models.config import ConfigError
+from flaxllm.objectives import base as objective_base
 from flaxllm.objectives import registry as objectives
 from flaxllm.train import metrics as metrics_lib
 from flaxllm.train import optim
@@ -111,7 +112,8 @@ def _build_programs(config_json: str, mesh) -> Programs:
   train_step = step_lib.make_train_step(
       objective.train_loss(model), tx, optim.schedule_from_config(config),
       accum_steps=config.optim.accum_steps, skip_nonfinite=config.skip_nonfinite_steps,
-      use_dropout=model_cfg.dropout > 0, passes=objective.passes)
+      use_dropout=model_cfg.dropout > 0, passes=objective.passes,
+      minibatches=objective.minibatches)
   eval_loss = objective.eval_loss(objective.build_model(train=False))
   return Programs(
       objective=objective, model_cfg=model_cfg, mesh=mesh, rules=rules, tx=tx,
@@ -293,7 +295,8 @@ def train(config, workdir: str, devices=None) -> dict:
       while step < total and not preempted:
         host_batch = feed.local(next(train_iter))
         if batch_hook is not None:
-          host_batch = batch_hook(step, host_batch, plain_params)
+          host_batch = batch_hook(step, host_batch,
+                                  objective_base.Policy(state.params, frozen, plain_params))
         state, metrics = programs.train_step(state, feed.shard_batch(host_batch), frozen)
         pending.append(metrics)
         step += 1

@@ -288,7 +288,7 @@ class Distillation(lm.LanguageModel):
     d = self.config.distill
     if d.offline_logits:
       logits = offline.OfflineLogits(d.offline_logits, self.config, rows=rows)
-      return lambda step, batch, params_fn: logits.attach(step, batch)
+      return lambda step, batch, policy: logits.attach(step, batch)
     if d.on_policy:
       return onpolicy.OnPolicy(self.model_cfg, d.on_policy, seed=self.config.seed,
                                prompt_len=min(d.on_policy_prompt_len, self.config.seq_len),

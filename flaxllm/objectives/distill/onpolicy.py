@@ -82,7 +82,7 @@ class OnPolicy:
   def chooses(self, step: int) -> bool:
     return bool(np.random.default_rng([self.seed, step]).random() < self.fraction)
 
-  def __call__(self, step: int, batch: dict, params_fn) -> dict:
+  def __call__(self, step: int, batch: dict, policy) -> dict:
     """`batch` with `ce_weight` = 1, or (with probability lambda) a student batch; `params_fn()`
     returns the student's current params (only called when sampling)."""
     if not self.chooses(step):
@@ -90,7 +90,7 @@ class OnPolicy:
       return {**batch, 'ce_weight': np.ones((b,), np.float32)}
     self.count += 1
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
-    return student_batch(self.model_cfg, params_fn(), batch, rng=rng, **self.kw)
+    return student_batch(self.model_cfg, policy.plain(), batch, rng=rng, **self.kw)
 
 
 def write_sequence_data(teacher_cfg, teacher_params, tokenizer, prompts: list[list[int]],

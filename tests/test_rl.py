@@ -18,7 +18,7 @@ import pytest
 from flaxllm import config as config_lib
 from flaxllm import parallel
 from flaxllm.models.config import ConfigError
-from flaxllm.objectives.align import grpo, losses
+from flaxllm.objectives.align import losses, rollout
 from flaxllm.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,13 +57,13 @@ def test_rollout_rows_by_hand():
   tokens = np.array([[0, 0, 1, 7], [1, 5, 6, 7]], np.int32)     # left-padded prompts
   mask = tokens > 0
   completion = np.array([[8, 2, 0], [9, 9, 9]], np.int32)      # [8, EOS] and 3 tokens
-  rows = grpo.rollout_rows(tokens, mask, completion, np.array([2, 3]), pad_id=0)
+  rows = rollout.rollout_rows(tokens, mask, completion, np.array([2, 3]), pad_id=0)
   np.testing.assert_array_equal(rows['inputs'], [[0, 0, 1, 7, 8, 2], [1, 5, 6, 7, 9, 9]])
   np.testing.assert_array_equal(rows['targets'], [[0, 1, 7, 8, 2, 0], [5, 6, 7, 9, 9, 9]])
   np.testing.assert_array_equal(rows['positions'], [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
   np.testing.assert_array_equal(rows['segment_ids'], [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
   np.testing.assert_array_equal(rows['loss_mask'], [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]])
-  right = grpo.right_aligned(rows, pad_id=0)
+  right = rollout.right_aligned(rows, pad_id=0)
   np.testing.assert_array_equal(right['inputs'][0], [1, 7, 8, 2, 0, 0])
   np.testing.assert_array_equal(right['segment_ids'][0], [1, 1, 1, 1, 0, 0])
 
@@ -88,7 +88,7 @@ def test_the_loss_as_a_sum_over_its_divisor_is_the_aggregated_loss(prompts_file,
            'advantages': rng.normal(size=b).astype(np.float32),
            'reward': rng.normal(size=b).astype(np.float32)}
   model = objective.build_model(train=False)
-  logps = objective._old_logps(objective.plain_params(trainable, frozen), batch)  # pylint: disable=protected-access
+  logps = objective.sampler.token_logps(objective.plain_params(trainable, frozen), batch)
   batch['old_logps'] = np.asarray(logps) + rng.normal(0, 0.1, (b, s)).astype(np.float32) * mask
   loss_fn = objective.train_loss(model)
   objective_sum, sums = loss_fn(trainable, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -148,10 +148,10 @@ def test_sharded_grpo_equals_one_device(prompts_file, tmp_path):
 def test_bad_grpo_settings_are_one_sentence(prompts_file):
   cases = [
       ('--config.grpo.group_size=1', r'grpo\.group_size=1 must be at least 2'),
-      ('--config.grpo.reward_funcs=no_such_module:f', r"grpo\.reward_funcs entry "
+      ('--config.grpo.reward_funcs=no_such_module:f', r"reward function "
                                                       r"'no_such_module:f' cannot be imported"),
       ('--config.grpo.reward_funcs=tests_helpers_missing', r'cannot be imported'),
-      ('--config.grpo.reward_funcs=test_grpo:wrong_shape', r'reward function test_grpo:'
+      ('--config.grpo.reward_funcs=test_rl:wrong_shape', r'reward function test_grpo:'
                                                            r'wrong_shape returned shape \(2,\)'),
       ('--config.batch_size=10', r'batch_size=10 \(completions per step\) is not a multiple'),
   ]
@@ -164,3 +164,51 @@ def wrong_shape(prompts, completions):
   """A broken reward function: two rewards whatever the number of completions."""
   del prompts, completions
   return [0.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- PPO
+
+def _ppo(prompts_file, steps, *extra):
+  flags = [f.replace('grpo.', 'ppo.') for f in _flags(prompts_file, steps)
+           if 'group_size' not in f and 'objective=' not in f]
+  return config_lib.load_config(TINY, ['--config.objective=ppo', *flags,
+                                       '--config.ppo.minibatches=2', '--config.ppo.epochs=2',
+                                       *extra])
+
+
+@pytest.mark.parametrize('value_model', ['shared', 'copy'])
+def test_ppo_rollout_statistics_and_training(prompts_file, tmp_path, value_model):
+  config = _ppo(prompts_file, 4, f'--config.ppo.value_model={value_model}',
+                '--config.ckpt_every=2')
+  summary = trainer.train(config, str(tmp_path / value_model))
+  rows = _losses(tmp_path / value_model)
+  assert summary['complete'] and len(rows) == 4 and all(np.isfinite(l) for l, _ in rows.values())
+  programs = trainer.build_programs(config)
+  assert ('value_model' in programs.abstract_state.params) == (value_model == 'copy')
+  # One rollout by hand: advantages and returns live on the completion (and the position
+  # after it), the per-token rewards sum to the score minus the KL penalty.
+  objective = programs.objective
+  key = jax.random.PRNGKey(0)
+  trainable, frozen = programs.split(programs.init_params(key), key)
+  from flaxllm.data.tokenizer import ByteTokenizer
+  from flaxllm.objectives import base
+  tok = ByteTokenizer()
+  it = objective.data_iterator(tok, 'train', seq_len=config.seq_len,
+                               batch_size=config.batch_size, seed=0)
+  hook = objective.batch_hook(tok, slice(None))
+  batch = hook(0, next(it), base.Policy(trainable, frozen,
+                                         lambda: programs.plain_params(trainable, frozen)))
+  it.close()
+  mask = batch['loss_mask'] > 0
+  assert not np.any(batch['advantages'][~(batch['value_mask'] > 0)])
+  assert np.all((batch['value_mask'] > 0) >= mask)        # the completion and one more
+  assert np.all(batch['old_logps'][mask] < 0) and not np.any(batch['old_logps'][~mask])
+  assert batch['reward'].shape == (config.batch_size,)
+
+
+def test_ppo_resumes_bitwise(prompts_file, tmp_path):
+  whole = trainer.train(_ppo(prompts_file, 4, '--config.ckpt_every=2'), str(tmp_path / 'whole'))
+  trainer.train(_ppo(prompts_file, 2, '--config.ckpt_every=2'), str(tmp_path / 'half'))
+  again = trainer.train(_ppo(prompts_file, 4, '--config.ckpt_every=2'), str(tmp_path / 'half'))
+  assert _losses(tmp_path / 'half') == _losses(tmp_path / 'whole')
+  assert again['reward'] == whole['reward']
