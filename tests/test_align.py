@@ -197,8 +197,9 @@ def test_bad_preference_input_is_one_sentence(pairs_file, tmp_path):
   unpaired.write_text(json.dumps({'prompt': 'p', 'completion': 'c', 'label': True}) + '\n')
   config = config_lib.load_config(TINY, ['--config.objective=dpo', '--config.data.source=jsonl',
                                          f'--config.data.path={unpaired}'])
-  with pytest.raises(ConfigError, match=r"objective='dpo' trains on \(prompt, chosen, rejected\) "
-                                        r'pairs but .* holds unpaired records'):
+  with pytest.raises(ConfigError, match=r"objective='dpo' with dpo\.loss_type='sigmoid' trains "
+                                        r'on \(prompt, chosen, rejected\) pairs but .* holds '
+                                        r'unpaired records'):
     trainer.train(config, str(tmp_path / 'run'))
   with pytest.raises(ConfigError, match=r"dpo\.loss_type='kto2' is not known"):
     _config(pairs_file, 'dpo', '--config.dpo.loss_type=kto2')
@@ -212,3 +213,35 @@ def test_bad_preference_input_is_one_sentence(pairs_file, tmp_path):
   with pytest.raises(ConfigError, match=r"dpo\.reference=.* do not match the model config"):
     trainer.train(config, str(tmp_path / 'run2'))
   assert registry.get('dpo').name == 'dpo' and 'sigmoid' in losses.PAIRED_LOSSES
+
+
+def test_kto_on_unpaired_data(tmp_path):
+  """dpo.loss_type='kto': unpaired (prompt, completion, label) examples and KL rows of each
+  prompt with the next example's completion; the loss at policy = reference is
+  w (1 - sigma(0)) = 0.5 per example."""
+  from flaxllm.data import preference
+  path = tmp_path / 'kto.jsonl'
+  records = [{'prompt': r['prompt'], 'completion': r[side], 'label': side == 'chosen'}
+             for r in _pairs(200) for side in ('chosen', 'rejected')]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  config = _config(str(path), 'dpo', '--config.dpo.loss_type=kto',
+                   '--config.sample.max_new_tokens=0', steps=10)
+  programs = _programs(config)
+  batch = _batch(config, programs)
+  kl = preference.mismatched_rows(batch, pad_id=0)
+  real = batch['segment_ids'].sum(-1) > 0
+  full = lambda b, i: np.concatenate([b['inputs'][i, :1], b['targets'][i][b['segment_ids'][i] > 0]])
+  prompt_of = lambda b, i: full(b, i)[:np.argmax(b['loss_mask'][i] > 0) + 1]
+  completion_of = lambda b, i: full(b, i)[np.argmax(b['loss_mask'][i] > 0) + 1:]
+  for i in np.flatnonzero(real)[:3]:
+    np.testing.assert_array_equal(prompt_of(kl, i), prompt_of(batch, i))
+    np.testing.assert_array_equal(completion_of(kl, i), completion_of(batch, (i + 1) % len(real)))
+  key = jax.random.PRNGKey(0)
+  trainable, frozen = programs.split(programs.init_params(key), key)
+  state = programs.init(trainable, key)
+  hooked = programs.objective.batch_hook(ByteTokenizer(), slice(None))(0, batch, None)
+  _, metrics = programs.train_step(state, parallel.shard_batch(hooked, programs.mesh,
+                                                               programs.rules), frozen)
+  np.testing.assert_allclose(metrics['loss'], 0.5, rtol=1e-6)
+  summary = trainer.train(config, str(tmp_path / 'run'))
+  assert summary['complete'] and np.isfinite(summary['val_loss'])

@@ -255,6 +255,28 @@ def _sequence_row(prompt: list[int], response: list[int], seq_len: int,
   }
 
 
+_ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def mismatched_rows(batch: Mapping[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+  """KTO's KL rows of an unpaired batch: row i holds the prompt of row i and the completion of
+  row i + 1 (cyclically), laid out and cut like the batch's rows (same seq_len)."""
+  seq_len = batch["inputs"].shape[1]
+  prompts, completions = [], []
+  for inputs, targets, mask, seg in zip(batch["inputs"], batch["targets"], batch["loss_mask"],
+                                        batch["segment_ids"]):
+    n = int(np.sum(seg > 0))
+    tokens = [int(inputs[0]), *map(int, targets[:n])]
+    first = int(np.argmax(mask > 0)) + 1 if np.any(mask > 0) else n + 1
+    prompts.append(tokens[:first])
+    completions.append(tokens[first:])
+  empty = {k: np.zeros_like(v[0]) for k, v in batch.items() if k in _ROW_KEYS}
+  empty["inputs"] = empty["targets"] = np.full(seq_len, pad_id, np.int32)
+  rows = [_sequence_row(p, c, seq_len, pad_id) if c else empty   # a padding row's: none
+          for p, c in zip(prompts, completions[1:] + completions[:1])]
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 @dataclasses.dataclass(frozen=True)
 class _RecordToRow(grain.transforms.Map):
   """grain transform: an ``(index, record)`` of one kind -> its batch row (a pair's arrays as

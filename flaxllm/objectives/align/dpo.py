@@ -3,9 +3,11 @@
 
     flaxllm train --config=experiments/rlhf/config.py:step=dpo --workdir=runs/rlhf/dpo
 
-`dpo.loss_type` is one of `losses.PAIRED_LOSSES`: sigmoid (DPO; with `label_smoothing` cDPO),
-hinge, ipo, robust, and the reference-free simpo and orpo (formulas and their TRL
-counterparts in `flaxllm.objectives.align.losses`). Each step runs the decoder once over the
+`dpo.loss_type` is one of `LOSS_TYPES`: sigmoid (DPO; with `label_smoothing` cDPO), hinge,
+ipo, robust, the reference-free simpo and orpo, and kto on unpaired (prompt, completion,
+label) data (formulas and their TRL counterparts in `flaxllm.objectives.align.losses`). KTO's
+reference point comes from a KL batch built on the host (`preference.mismatched_rows`: each
+prompt with the next example's completion), as TRL's KTOTrainer builds it. Each step runs the decoder once over the
 stacked chosen and rejected rows (`sequences.stack_pair`), with the head and log-softmax over
 `dpo.chunk_size` positions at a time in float32; a sequence's log-prob is the sum over its
 response tokens (the data's loss mask).
@@ -33,14 +35,19 @@ from flaxllm.objectives import base
 from flaxllm.objectives.align import losses, reference, sequences
 
 
+LOSS_TYPES = (*losses.PAIRED_LOSSES, 'kto')
+
+
 def config_section() -> ConfigDict:
   """`config.dpo` (objective='dpo')."""
   c = ConfigDict()
-  c.loss_type = 'sigmoid'          # one of losses.PAIRED_LOSSES
+  c.loss_type = 'sigmoid'          # one of LOSS_TYPES (kto: unpaired data)
   c.beta = 0.1                     # the KL strength (ORPO: the odds-ratio weight lambda)
   c.label_smoothing = 0.0          # cDPO / robust DPO's label noise, SimPO's smoothing
   c.simpo_gamma = 0.5              # SimPO's target margin
   c.cpo_alpha = 0.0                # SimPO: weight of the chosen responses' NLL (SimPO: 0)
+  c.desirable_weight = 1.0         # KTO's weights of desirable / undesirable examples
+  c.undesirable_weight = 1.0
   c.reference = ''                 # '': adapters off (LoRA/QLoRA) or a frozen copy of the start;
   #                                  or a flaxllm workdir / model dir / HF dir
   c.max_prompt_len = 0             # prompt tokens kept (from the left); 0 = seq_len // 2
@@ -77,9 +84,10 @@ class DirectPreference(reference.WithReference):
   def check_section(cls, config) -> None:
     super().check_section(config)
     d = config.dpo
-    require(d.loss_type in losses.PAIRED_LOSSES,
-            f'dpo.loss_type={d.loss_type!r} is not known; choose one of '
-            f'{losses.PAIRED_LOSSES}.')
+    require(d.loss_type in LOSS_TYPES,
+            f'dpo.loss_type={d.loss_type!r} is not known; choose one of {LOSS_TYPES}.')
+    require(d.desirable_weight > 0 and d.undesirable_weight > 0,
+            'dpo.desirable_weight and dpo.undesirable_weight must be positive.')
     require(d.beta > 0, f'dpo.beta={d.beta} must be positive; use e.g. 0.1.')
     limit = 0.5 if d.loss_type == 'robust' else 1.0
     require(0.0 <= d.label_smoothing < limit,
@@ -95,9 +103,16 @@ class DirectPreference(reference.WithReference):
   def check(self, tokenizer) -> None:
     """The data holds pairs (one sentence if not, or if a record cannot be trained on)."""
     del tokenizer
-    check_paired_data(self.config)
+    check_data_kind(self.config, 'unpaired' if self._kto else 'paired',
+                    f"objective='dpo' with dpo.loss_type={self.config.dpo.loss_type!r}")
+
+  @property
+  def _kto(self) -> bool:
+    return self.config.dpo.loss_type == 'kto'
 
   def train_loss(self, model) -> base.LossFn:
+    if self._kto:
+      return self._kto_loss()
     d, cfg = self.config.dpo, self.model_cfg
     reference_free = d.loss_type in losses.REFERENCE_FREE
 
@@ -123,28 +138,79 @@ class DirectPreference(reference.WithReference):
       return sums['ce'], sums
     return loss_fn
 
+  def _kto_loss(self) -> base.LossFn:
+    """KTO on unpaired rows and their KL rows (`kl_<key>`), one forward for both."""
+    d, cfg = self.config.dpo, self.model_cfg
+
+    def seq_logps(params, batch, rng=None):
+      rows = {k: jnp.concatenate([batch[k], batch[f'kl_{k}']]) for k in sequences.ROW_KEYS}
+      token_logps = sequences.token_logps(cfg, params, rows, chunk_size=d.chunk_size, rng=rng)
+      seq = losses.sequence_logps(token_logps, rows['loss_mask'])
+      half = seq.shape[0] // 2
+      return seq[:half], seq[half:]
+
+    def loss_fn(params, frozen, batch, rng=None):
+      policy, policy_kl = seq_logps(self.model_params(params, frozen), batch, rng)
+      ref, ref_kl = seq_logps(jax.lax.stop_gradient(self.reference_params(frozen)), batch)
+      kl = losses.kto_kl(policy_kl, ref_kl)
+      example_losses, rewards = losses.kto_losses(
+          policy, ref, batch['label'] > 0.5, kl, beta=d.beta,
+          desirable_weight=d.desirable_weight, undesirable_weight=d.undesirable_weight)
+      real = (jnp.sum(batch['loss_mask'], axis=-1) > 0).astype(jnp.float32)
+      good = real * batch['label']
+      sums = {'ce': jnp.sum(example_losses * real), 'tokens': jnp.sum(real),
+              'kl': kl * jnp.sum(real),
+              'rewards_desirable': jnp.sum(rewards * good),
+              'rewards_undesirable': jnp.sum(rewards * (real - good))}
+      return sums['ce'], sums
+    return loss_fn
+
   def data_iterator(self, tokenizer, split: str, *, seq_len: int, **kw):
-    return preference.make_preference_iterator(
-        self.config.data, tokenizer, split=split, seq_len=seq_len,
-        max_prompt_len=self.config.dpo.max_prompt_len or None, **kw)
+    make = (preference.make_unpaired_iterator if self._kto
+            else preference.make_preference_iterator)
+    return make(self.config.data, tokenizer, split=split, seq_len=seq_len,
+                max_prompt_len=self.config.dpo.max_prompt_len or None, **kw)
+
+  def batch_hook(self, tokenizer, rows: slice):
+    """KTO: each batch gets its KL rows (`kl_<key>`, `preference.mismatched_rows`)."""
+    del rows
+    if not self._kto:
+      return None
+    return lambda step, batch, policy: {**batch, **{
+        f'kl_{k}': v for k, v in preference.mismatched_rows(batch, tokenizer.pad_id).items()}}
+
+  def eval_loss(self, model):
+    """Pairs validate with the training loss; KTO's validation rows have no KL rows, so its
+    eval loss runs on the rows as their own KL batch."""
+    loss = self.train_loss(model)
+    if not self._kto:
+      return loss
+    return lambda params, frozen, batch, rng=None: loss(
+        params, frozen, {**batch, **{f'kl_{k}': batch[k] for k in sequences.ROW_KEYS}}, rng)
 
   def batch_shapes(self, batch_size: int, seq_len: int) -> dict:
-    return {f'{side}_{k}': shape for side in preference.SIDES
-            for k, shape in super().batch_shapes(batch_size, seq_len).items()}
+    rows = super().batch_shapes(batch_size, seq_len)
+    if self._kto:
+      return {**rows, **{f'kl_{k}': v for k, v in rows.items()},
+              'label': ((batch_size,), jnp.float32)}
+    return {f'{side}_{k}': shape for side in preference.SIDES for k, shape in rows.items()}
 
   def sample(self, plain_params, tokenizer):
     del plain_params, tokenizer
     return None
 
 
-def check_paired_data(config):
-  """ConfigError unless the data holds pairs that can all be trained on."""
+def check_data_kind(config, kind: str, what: str):
+  """ConfigError unless the data holds records of `kind` ('paired': prompt, chosen, rejected;
+  'unpaired': prompt, completion, label) that can all be trained on; `what` names the
+  objective in the message."""
+  fields = {'paired': '(prompt, chosen, rejected) pairs',
+            'unpaired': '(prompt, completion, label) examples'}[kind]
   try:
-    kind = preference.record_kind(config.data)
-    if kind != 'paired':
-      raise ConfigError(f"objective={config.objective!r} trains on (prompt, chosen, rejected) "
-                        f'pairs but {config.data.path} holds {kind} records; give paired data '
-                        '(or use a loss for that kind).')
-    preference.check_records(config.data, 'paired')
+    found = preference.record_kind(config.data)
+    if found != kind:
+      raise ConfigError(f'{what} trains on {fields} but {config.data.path} holds {found} '
+                        f'records; give {kind} data (or use a loss for that kind).')
+    preference.check_records(config.data, kind)
   except ValueError as e:
     raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e

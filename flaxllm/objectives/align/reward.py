@@ -74,7 +74,7 @@ class RewardModel(base.Objective):
 
   def check(self, tokenizer) -> None:
     del tokenizer
-    dpo.check_paired_data(self.config)
+    dpo.check_data_kind(self.config, 'paired', "objective='reward'")
 
   def split(self, params, rng):
     trainable, frozen = super().split(params, rng)
