@@ -7,9 +7,10 @@
 ipo, robust, the reference-free simpo and orpo, and kto on unpaired (prompt, completion,
 label) data (formulas and their TRL counterparts in `flaxllm.objectives.align.losses`). KTO's
 reference point comes from a KL batch built on the host (`preference.mismatched_rows`: each
-prompt with the next example's completion), as TRL's KTOTrainer builds it. Each step runs the decoder once over the
-stacked chosen and rejected rows (`sequences.stack_pair`), with the head and log-softmax over
-`dpo.chunk_size` positions at a time in float32; a sequence's log-prob is the sum over its
+prompt with the next example's completion), as TRL's KTOTrainer builds it. Each step runs
+the decoder once over the stacked chosen and rejected rows (`sequences.stack_pair`), with the
+head and log-softmax over `dpo.chunk_size` positions at a time in float32; a sequence's
+log-prob is the sum over its
 response tokens (the data's loss mask).
 
 The reference model:
