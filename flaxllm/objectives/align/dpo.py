@@ -10,8 +10,7 @@ reference point comes from a KL batch built on the host (`preference.mismatched_
 prompt with the next example's completion), as TRL's KTOTrainer builds it. Each step runs
 the decoder once over the stacked chosen and rejected rows (`sequences.stack_pair`), with the
 head and log-softmax over `dpo.chunk_size` positions at a time in float32; a sequence's
-log-prob is the sum over its
-response tokens (the data's loss mask).
+log-prob is the sum over its response tokens (the data's loss mask).
 
 The reference model:
   * LoRA / QLoRA: the base with the adapters switched off, `frozen['base']` itself: no second
