@@ -10,6 +10,7 @@
   flaxllm scaling   fit --sweep-dir=runs/scaling [--target-flops=1e15]  |  table --sweep-dir=...
   flaxllm distill-data --mode=topk|sequences --teacher=DIR --out=DIR [--config=SPEC ...]
   flaxllm reward    --model=REWARD_RUN --data=pairs.jsonl         # a reward model's accuracy
+  flaxllm reference-logps --config=DPO_SPEC --out=DIR            # DPO without a reference model
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ COMMANDS = {
     'scaling': ('flaxllm.sweeps.main', 'scaling_main'),
     'distill-data': ('flaxllm.train.distill_data', 'main'),
     'reward': ('flaxllm.train.reward_cmd', 'main'),
+    'reference-logps': ('flaxllm.train.reference_logps', 'main'),
 }
 
 

@@ -245,3 +245,37 @@ def test_kto_on_unpaired_data(tmp_path):
   np.testing.assert_allclose(metrics['loss'], 0.5, rtol=1e-6)
   summary = trainer.train(config, str(tmp_path / 'run'))
   assert summary['complete'] and np.isfinite(summary['val_loss'])
+
+
+@pytest.mark.parametrize('kto', [False, True], ids=['pairs', 'kto'])
+def test_stored_reference_logps_train_exactly_as_the_live_reference(pairs_file, tmp_path, kto):
+  """`flaxllm reference-logps` stores the reference's log-probs of every train batch; DPO (and
+  KTO) with them gives the losses of DPO with the live frozen reference, and holds no reference
+  model."""
+  from flaxllm.train import reference_logps as reference_cmd
+  data = pairs_file
+  if kto:
+    data = str(tmp_path / 'kto.jsonl')
+    records = [{'prompt': r['prompt'], 'completion': r[side], 'label': side == 'chosen'}
+               for r in _pairs(200) for side in ('chosen', 'rejected')]
+    (tmp_path / 'kto.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  base = _config(data, 'dpo', '--config.sample.max_new_tokens=0', steps=6)
+  start = tmp_path / 'start'
+  params = models.init_params(models.build(base.model), jax.random.key(5))
+  native.save_flaxllm(base.model, params, str(start))
+  flags = [f'--config.{k}={v}' for k, v in (
+      ('objective', 'dpo'), ('data.source', 'jsonl'), ('data.path', data),
+      ('data.val_fraction', 0.1), ('total_steps', 6), ('seq_len', 48), ('batch_size', 8),
+      ('eval_every', 0), ('ckpt_every', 6), ('log_every', 1), ('peak_flops', 1e11),
+      ('wandb.mode', 'disabled'), ('schedule.warmup_steps', 2), ('optim.lr', 3e-3),
+      ('sample.max_new_tokens', 0), ('init_from', start),
+      ('dpo.loss_type', 'kto' if kto else 'sigmoid'))]
+  assert reference_cmd.main([f'--config={TINY}', *flags, f'--out={tmp_path}/ref']) == 0
+  live = trainer.train(config_lib.load_config(TINY, flags), str(tmp_path / 'live'))
+  stored_flags = [*flags, f'--config.dpo.reference_logps={tmp_path}/ref']
+  programs = trainer.build_programs(config_lib.load_config(TINY, stored_flags))
+  assert 'reference' not in programs.abstract_frozen
+  stored = trainer.train(config_lib.load_config(TINY, stored_flags), str(tmp_path / 'stored'))
+  read = lambda w: [json.loads(x)['loss'] for x in open(w / 'metrics.jsonl') if '"loss"' in x]
+  np.testing.assert_allclose(read(tmp_path / 'stored'), read(tmp_path / 'live'), rtol=1e-5)
+  assert live['complete'] and stored['complete']

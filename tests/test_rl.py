@@ -151,7 +151,7 @@ def test_bad_grpo_settings_are_one_sentence(prompts_file):
       ('--config.grpo.reward_funcs=no_such_module:f', r"reward function "
                                                       r"'no_such_module:f' cannot be imported"),
       ('--config.grpo.reward_funcs=tests_helpers_missing', r'cannot be imported'),
-      ('--config.grpo.reward_funcs=test_rl:wrong_shape', r'reward function test_grpo:'
+      ('--config.grpo.reward_funcs=test_rl:wrong_shape', r'reward function test_rl:'
                                                            r'wrong_shape returned shape \(2,\)'),
       ('--config.batch_size=10', r'batch_size=10 \(completions per step\) is not a multiple'),
   ]

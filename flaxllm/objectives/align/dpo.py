@@ -31,7 +31,7 @@ from ml_collections import ConfigDict
 
 from flaxllm.data import preference
 from flaxllm.models.config import ConfigError, require
-from flaxllm.objectives import base
+from flaxllm.objectives import base, step_store
 from flaxllm.objectives.align import losses, reference, sequences
 
 
@@ -50,6 +50,7 @@ def config_section() -> ConfigDict:
   c.undesirable_weight = 1.0
   c.reference = ''                 # '': adapters off (LoRA/QLoRA) or a frozen copy of the start;
   #                                  or a flaxllm workdir / model dir / HF dir
+  c.reference_logps = ''           # or its log-probs stored once (flaxllm reference-logps)
   c.max_prompt_len = 0             # prompt tokens kept (from the left); 0 = seq_len // 2
   c.chunk_size = 128               # positions per head chunk; 0 = all at once
   return c
@@ -74,7 +75,25 @@ class DirectPreference(reference.WithReference):
   section = 'dpo'
 
   def uses_reference(self) -> bool:
-    return self.config.dpo.loss_type not in losses.REFERENCE_FREE
+    """A reference model in the step (not with a reference-free loss or stored log-probs)."""
+    d = self.config.dpo
+    return d.loss_type not in losses.REFERENCE_FREE and not d.reference_logps
+
+  def reference_logps(self, ref_params, batch) -> dict:
+    """The reference model's summed log-probs of a batch's sequences (what
+    `dpo.reference_logps` stores): chosen and rejected, or KTO's examples and KL rows."""
+    chunk = self.config.dpo.chunk_size
+    if self._kto:
+      ref, ref_kl = self._kto_logps(ref_params, batch)
+      return {'ref_logps': ref, 'ref_kl_logps': ref_kl}
+    (rc, rr), _, _ = pair_logps(self.model_cfg, ref_params, batch, chunk_size=chunk)
+    return {'ref_chosen_logps': rc, 'ref_rejected_logps': rr}
+
+  def _reference(self, frozen, batch) -> dict:
+    """The reference log-probs of `batch`: stored in it, or from the frozen reference."""
+    if self.config.dpo.reference_logps:
+      return batch
+    return self.reference_logps(jax.lax.stop_gradient(self.reference_params(frozen)), batch)
 
   @classmethod
   def config_section(cls) -> ConfigDict:
@@ -96,8 +115,9 @@ class DirectPreference(reference.WithReference):
             f'dpo.max_prompt_len={d.max_prompt_len} must be in [0, seq_len] and dpo.chunk_size '
             '>= 0.')
     if d.loss_type in losses.REFERENCE_FREE:
-      require(not d.reference, f'dpo.loss_type={d.loss_type!r} uses no reference model; set '
-                               "dpo.reference=''.")
+      require(not d.reference and not d.reference_logps,
+              f'dpo.loss_type={d.loss_type!r} uses no reference model; set dpo.reference='
+              "'' and dpo.reference_logps=''.")
     reference.check_reference_settings(config, 'dpo')
 
   def check(self, tokenizer) -> None:
@@ -105,6 +125,8 @@ class DirectPreference(reference.WithReference):
     del tokenizer
     check_data_kind(self.config, 'unpaired' if self._kto else 'paired',
                     f"objective='dpo' with dpo.loss_type={self.config.dpo.loss_type!r}")
+    if self.config.dpo.reference_logps:
+      ReferenceLogps(self.config.dpo.reference_logps, self.config)   # made for this config
 
   @property
   def _kto(self) -> bool:
@@ -121,8 +143,8 @@ class DirectPreference(reference.WithReference):
                                            chunk_size=d.chunk_size, rng=rng)
       rc = rr = None
       if not reference_free:
-        ref = jax.lax.stop_gradient(self.reference_params(frozen))
-        (rc, rr), _, _ = pair_logps(cfg, ref, batch, chunk_size=d.chunk_size)
+        ref = self._reference(frozen, batch)
+        rc, rr = ref['ref_chosen_logps'], ref['ref_rejected_logps']
       pair_losses, chosen_rewards, rejected_rewards = losses.dpo_losses(
           pc, pr, rc, rr, loss_type=d.loss_type, beta=d.beta, label_smoothing=d.label_smoothing,
           chosen_lengths=lc, rejected_lengths=lr, simpo_gamma=d.simpo_gamma,
@@ -138,20 +160,23 @@ class DirectPreference(reference.WithReference):
       return sums['ce'], sums
     return loss_fn
 
-  def _kto_loss(self) -> base.LossFn:
-    """KTO on unpaired rows and their KL rows (`kl_<key>`), one forward for both."""
-    d, cfg = self.config.dpo, self.model_cfg
+  def _kto_logps(self, params, batch, rng=None):
+    """(examples, KL rows) summed completion log-probs [B] each, from one forward."""
+    rows = {k: jnp.concatenate([batch[k], batch[f'kl_{k}']]) for k in sequences.ROW_KEYS}
+    token_logps = sequences.token_logps(self.model_cfg, params, rows,
+                                        chunk_size=self.config.dpo.chunk_size, rng=rng)
+    seq = losses.sequence_logps(token_logps, rows['loss_mask'])
+    half = seq.shape[0] // 2
+    return seq[:half], seq[half:]
 
-    def seq_logps(params, batch, rng=None):
-      rows = {k: jnp.concatenate([batch[k], batch[f'kl_{k}']]) for k in sequences.ROW_KEYS}
-      token_logps = sequences.token_logps(cfg, params, rows, chunk_size=d.chunk_size, rng=rng)
-      seq = losses.sequence_logps(token_logps, rows['loss_mask'])
-      half = seq.shape[0] // 2
-      return seq[:half], seq[half:]
+  def _kto_loss(self) -> base.LossFn:
+    """KTO on unpaired rows and their KL rows (`kl_<key>`)."""
+    d = self.config.dpo
 
     def loss_fn(params, frozen, batch, rng=None):
-      policy, policy_kl = seq_logps(self.model_params(params, frozen), batch, rng)
-      ref, ref_kl = seq_logps(jax.lax.stop_gradient(self.reference_params(frozen)), batch)
+      policy, policy_kl = self._kto_logps(self.model_params(params, frozen), batch, rng)
+      stored = self._reference(frozen, batch)
+      ref, ref_kl = stored['ref_logps'], stored['ref_kl_logps']
       kl = losses.kto_kl(policy_kl, ref_kl)
       example_losses, rewards = losses.kto_losses(
           policy, ref, batch['label'] > 0.5, kl, beta=d.beta,
@@ -172,16 +197,21 @@ class DirectPreference(reference.WithReference):
                 max_prompt_len=self.config.dpo.max_prompt_len or None, **kw)
 
   def batch_hook(self, tokenizer, rows: slice):
-    """KTO: each batch gets its KL rows (`kl_<key>`, `preference.mismatched_rows`)."""
-    del rows
-    if not self._kto:
-      return None
-    return lambda step, batch, policy: {**batch, **{
-        f'kl_{k}': v for k, v in preference.mismatched_rows(batch, tokenizer.pad_id).items()}}
+    """KTO's KL rows (`kl_<key>`, `preference.mismatched_rows`) and/or the stored reference
+    log-probs of the step (`dpo.reference_logps`)."""
+    kl_rows = (lambda batch: {f'kl_{k}': v for k, v in preference.mismatched_rows(
+        batch, tokenizer.pad_id).items()}) if self._kto else (lambda batch: {})
+    if not self.config.dpo.reference_logps:
+      return (lambda step, batch, policy: {**batch, **kl_rows(batch)}) if self._kto else None
+    store = ReferenceLogps(self.config.dpo.reference_logps, self.config, rows=rows)
+    return lambda step, batch, policy: store.attach(step, {**batch, **kl_rows(batch)})
 
   def eval_loss(self, model):
     """Pairs validate with the training loss; KTO's validation rows have no KL rows, so its
-    eval loss runs on the rows as their own KL batch."""
+    eval loss runs on the rows as their own KL batch. With stored reference log-probs (of the
+    train batches only) there is no validation loss."""
+    if self.config.dpo.reference_logps:
+      return None
     loss = self.train_loss(model)
     if not self._kto:
       return loss
@@ -191,13 +221,28 @@ class DirectPreference(reference.WithReference):
   def batch_shapes(self, batch_size: int, seq_len: int) -> dict:
     rows = super().batch_shapes(batch_size, seq_len)
     if self._kto:
-      return {**rows, **{f'kl_{k}': v for k, v in rows.items()},
-              'label': ((batch_size,), jnp.float32)}
-    return {f'{side}_{k}': shape for side in preference.SIDES for k, shape in rows.items()}
+      shapes = {**rows, **{f'kl_{k}': v for k, v in rows.items()},
+                'label': ((batch_size,), jnp.float32)}
+    else:
+      shapes = {f'{side}_{k}': shape for side in preference.SIDES for k, shape in rows.items()}
+    if self.config.dpo.reference_logps:
+      names = ('ref_logps', 'ref_kl_logps') if self._kto else ('ref_chosen_logps',
+                                                                'ref_rejected_logps')
+      shapes.update({name: ((batch_size,), jnp.float32) for name in names})
+    return shapes
 
   def sample(self, plain_params, tokenizer):
     del plain_params, tokenizer
     return None
+
+
+class ReferenceLogps(step_store.StepStore):
+  """The reference model's log-probs of every train batch, stored once (`dpo.reference_logps`,
+  written by `flaxllm reference-logps`)."""
+
+  def __init__(self, path: str, config, *, rows: slice = slice(None)):
+    super().__init__(path, config, setting='dpo.reference_logps', name='reference log-probs',
+                     command='flaxllm reference-logps', rows=rows)
 
 
 def check_data_kind(config, kind: str, what: str):
