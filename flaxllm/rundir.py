@@ -658,19 +658,24 @@ def abstract_params(model_cfg: ModelConfig, sharding=None):
                       shapes)
 
 
-def load_params(path: str, abstract: Any = None, *, what: str = '--model', dtype: str = ''):
+def load_params(path: str, abstract: Any = None, *, what: str = '--model', dtype: str = '',
+                step: Optional[int] = None):
   """The params of the model in `path` (see `model_source`), cast and placed like `abstract`
   (ShapeDtypeStructs with shardings; default: the source's own params on one device).
 
   A workdir gives the model params of its newest checkpoint (or, for a fine-tuning run whose
   checkpoints hold adapters, its exported `model/`). Shapes are compared before any array is
-  read; a mismatch is one RunDirError naming `what`."""
+  read; a mismatch is one RunDirError naming `what`. `step` picks a workdir's checkpoint of that
+  step instead of the newest (its model params must be in it: not an adapter-only run)."""
   source = model_source(path, what=what, dtype=dtype)
+  if step is not None and (source.kind != 'workdir' or step not in checkpoint_steps(source.path)):
+    raise RunDirError(f'{what}={source.path!r} has no checkpoint of step {step}; use one of '
+                      f'{checkpoint_steps(source.path)} or leave the step out for the newest.')
   abstract = abstract_params(source.model_cfg) if abstract is None else abstract
   mismatch = RunDirError(f'the params in {what}={source.path!r} do not match the model config '
                          '(different shapes or names); use the same model settings as that run.')
   if source.kind == 'workdir':
-    params = _workdir_params(source.path, abstract, mismatch)
+    params = _workdir_params(source.path, abstract, mismatch, step)
   elif source.kind == 'flaxllm_model':
     params = native.load_flaxllm(source.path)[1]
   else:
@@ -685,13 +690,14 @@ def _signature(tree):
   return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
 
 
-def _workdir_params(path: str, abstract, mismatch: RunDirError):
-  """The model params of the newest checkpoint of a workdir, else its exported model."""
+def _workdir_params(path: str, abstract, mismatch: RunDirError, step: Optional[int] = None):
+  """The model params of the checkpoint of `step` (default the newest) of a workdir, else (no
+  step given) its exported model."""
   manager = ocp.CheckpointManager(
       os.path.join(path, CHECKPOINT_DIR),
       item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()})
   try:
-    step = manager.latest_step()
+    step = manager.latest_step() if step is None else step
     stored = manager.item_metadata(step)['state'].tree.get('params', {})
     stored = stored.get(MODEL_KEY) if isinstance(stored, dict) else None
     if stored is not None and _signature(stored) == _signature(abstract):
@@ -703,6 +709,7 @@ def _workdir_params(path: str, abstract, mismatch: RunDirError):
   finally:
     manager.close()
   exported = os.path.join(path, MODEL_DIR)
-  if os.path.exists(os.path.join(exported, native.CONFIG_NAME)):  # e.g. a LoRA run's model
+  if step == checkpoint_steps(path)[-1] and os.path.exists(
+      os.path.join(exported, native.CONFIG_NAME)):   # e.g. a LoRA run's model
     return native.load_flaxllm(exported)[1]
   raise mismatch

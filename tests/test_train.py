@@ -230,10 +230,17 @@ def test_init_from_a_run_or_an_exported_model(env, tiny_run):
   programs = trainer.build_programs(_config(env))
   checkpoints = rundir.Checkpoints(str(workdir))
   final, _ = checkpoints.restore(20, programs.abstract_state)
+  at10, _ = checkpoints.restore(10, programs.abstract_state)
   checkpoints.close()
   for source in (workdir, workdir / 'model'):  # a flaxllm workdir, a `flaxllm convert` dir
     params = rundir.load_params(str(source), programs.abstract_params, what='init_from')
     jax.tree.map(np.testing.assert_array_equal, params, final.params['model'])
+  # An earlier checkpoint by its step; a step that has none is one sentence.
+  params = rundir.load_params(str(workdir), programs.abstract_params, step=10)
+  jax.tree.map(np.testing.assert_array_equal, params, at10.params['model'])
+  with pytest.raises(rundir.RunDirError, match=r'has no checkpoint of step 7; use one of '
+                                               r'\[10, 20\]'):
+    rundir.load_params(str(workdir), step=7)
   other = trainer.build_programs(_config(env, **{'model.mlp_dim': 48}))
   with pytest.raises(rundir.RunDirError, match=r'do not match the model config'):
     rundir.load_params(str(workdir), other.abstract_params, what='init_from')

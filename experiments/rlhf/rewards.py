@@ -1,45 +1,49 @@
 """Programmatic rewards of the RLHF experiment: the preference known in code.
 
-Each is a GRPO reward function, `f(prompts, completions) -> one float per completion`
-(`grpo.reward_funcs='experiments.rlhf.rewards:parses_as_python'`), and `true_reward` labels the
-preference pairs the reward model and DPO learn from.
+A prompt is a function signature (`def name(args):`), a completion its body; the function is
+the two joined by a newline. Each `f(prompts, completions) -> one float per completion` here is
+a GRPO/PPO reward function (`grpo.reward_funcs='experiments.rlhf.rewards:true_rewards'`), and
+`true_reward` labels the comparisons the reward model and DPO learn from (make_pairs.py).
 """
 from __future__ import annotations
 
 import ast
 import warnings
+from typing import Optional
+
+DOCSTRING_BONUS = 0.5
+LENGTH_COST = 0.002     # per character of the body
 
 
-def _parses(text: str) -> bool:
+def _function(signature: str, body: str) -> Optional[ast.Module]:
+  """The parsed function, or None where it does not parse (or the body is empty)."""
+  if not body.strip():
+    return None
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')
-      ast.parse(text)
-    return bool(text.strip())
-  except (SyntaxError, ValueError, RecursionError):
-    return False
+      return ast.parse(f'{signature}\n{body}')
+  except (SyntaxError, ValueError, RecursionError, MemoryError):
+    return None
 
 
 def parses_as_python(prompts: list[str], completions: list[str]) -> list[float]:
-  """1 for a completion that parses as Python (and is not empty), else 0."""
-  del prompts
-  return [float(_parses(c)) for c in completions]
+  """1 for a body that makes the function parse, else 0."""
+  return [float(_function(p, c) is not None) for p, c in zip(prompts, completions)]
 
 
-def true_reward(completion: str) -> float:
-  """The preference of the experiment: parses as Python (+1), has a docstring (+0.5), shorter
-  is better (-0.002 per character)."""
-  score = 0.0
-  if _parses(completion):
+def true_reward(signature: str, body: str) -> float:
+  """The preference of the experiment: the function parses (+1) and has a docstring (+0.5);
+  a shorter body is better (-0.002 per character)."""
+  tree = _function(signature, body)
+  score = -LENGTH_COST * len(body)
+  if tree is not None:
     score += 1.0
-    tree = ast.parse(completion)
-    if any(ast.get_docstring(n) for n in ast.walk(tree)
-           if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Module))):
-      score += 0.5
-  return score - 0.002 * len(completion)
+    if any(isinstance(n, ast.FunctionDef) and ast.get_docstring(n) for n in ast.walk(tree)):
+      score += DOCSTRING_BONUS
+  return score
 
 
 def true_rewards(prompts: list[str], completions: list[str]) -> list[float]:
-  """`true_reward` of each completion (a GRPO reward function)."""
-  del prompts
-  return [true_reward(c) for c in completions]
+  """`true_reward` of each (signature, body)."""
+  return [true_reward(p, c) for p, c in zip(prompts, completions)]

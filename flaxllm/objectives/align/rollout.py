@@ -117,6 +117,7 @@ class Rollout(NamedTuple):
   scores: np.ndarray         # [N] weighted total reward (NaN on padding rows)
   parts: dict                # {source name: rewards [N]}
   index: np.ndarray          # [N] prompt index into the split's records (-1: padding)
+  completions: list          # [N] the completions' text (without the stop token)
 
 
 class Sampler:
@@ -168,7 +169,7 @@ class Sampler:
                    for row, n in zip(completion, lengths)]
     total, parts = self.score(prompts, completions, rows, tokenizer.pad_id)
     return Rollout(rows, np.where(np.asarray(index) >= 0, total, np.nan), parts,
-                   np.asarray(index))
+                   np.asarray(index), completions)
 
   def prompt_iterator(self, tokenizer, split: str, *, seq_len: int, prompts_per_batch: int,
                       **kw):
@@ -182,15 +183,20 @@ class Sampler:
     records = preference.prompts(self.config.data, 'validation')[:self.s.eval_prompts]
     if not self.s.eval_prompts or not records:
       return {}
-    template = self.config.data.template
-    prompts = [preference.cut_prompt(preference.prompt_ids(tokenizer, r['prompt'], template),
-                                     self.prompt_len) for r in records]
-    tokens, mask = generate_lib.left_pad(prompts, tokenizer.pad_id, length=self.prompt_len)
+    tokens, mask = self.prompt_batch(tokenizer, records)
     rollout = self.rollout(params, tokenizer, tokens, mask,
                            np.arange(len(records)), jax.random.PRNGKey(self.config.seed),
                            records)
     return {'reward': float(np.mean(rollout.scores)),
             **{f'reward_{name}': float(np.mean(r)) for name, r in rollout.parts.items()}}
+
+  def prompt_batch(self, tokenizer, records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) [N, prompt_len] of prompt records, rendered, cut and left-padded as the
+    training prompts are."""
+    template = self.config.data.template
+    prompts = [preference.cut_prompt(preference.prompt_ids(tokenizer, r['prompt'], template),
+                                     self.prompt_len) for r in records]
+    return generate_lib.left_pad(prompts, tokenizer.pad_id, length=self.prompt_len)
 
   @functools.cached_property
   def token_logps(self):
