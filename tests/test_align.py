@@ -149,7 +149,7 @@ def test_dpo_variants_train_through_the_trainer(pairs_file, tmp_path, loss_type)
   train = [r for r in rows if 'loss' in r]
   assert summary['complete'] and {'margin', 'accuracy', 'rewards_chosen'} <= set(train[-1])
   assert train[-1]['loss'] < train[0]['loss'] and np.isfinite(summary['val_loss'])
-  assert 'val_accuracy' in summary
+  assert 'val_accuracy' in summary and 'val_ppl' not in summary   # a pairwise loss: no ppl
 
 
 def test_sharded_dpo_equals_one_device(pairs_file, tmp_path):

@@ -85,6 +85,8 @@ class Objective:
   name: ClassVar[str] = ''
   section: ClassVar[Optional[str]] = None   # the config section it owns, e.g. 'distill'
   arch: ClassVar[str] = 'decoder'           # the model.arch it trains
+  token_ce: ClassVar[bool] = True           # val_loss is a cross-entropy per token: report a
+  #                                           perplexity (not for a pairwise loss)
 
   def __init__(self, config):
     self.config = config

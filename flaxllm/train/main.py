@@ -66,6 +66,12 @@ def resolve_workdir(workdir: str) -> str:
   return workdir
 
 
+def validation_line(result: dict) -> str:
+  """'validation loss L, perplexity P (N tokens)'; no perplexity for a pairwise loss."""
+  ppl = f', perplexity {result["val_ppl"]:.2f}' if 'val_ppl' in result else ''
+  return f'validation loss {result["val_loss"]:.4f}{ppl} ({result["val_tokens"]} tokens)'
+
+
 def _train(argv) -> int:
   spec, workdir, overrides = parse_train_args(argv)
   distributed.initialize()  # multi-process runs (TPU VM, SLURM, launch/local.py); else a no-op
@@ -82,8 +88,7 @@ def _train(argv) -> int:
         'step', 'complete', 'preempted', 'sample', 'val_loss', 'val_ppl', 'val_tokens')}
     parts = [f'{k} {v:.4g}' for k, v in extra.items()]
     if 'val_loss' in summary:
-      parts.insert(0, f'validation loss {summary["val_loss"]:.4f}, perplexity '
-                      f'{summary["val_ppl"]:.2f} ({summary["val_tokens"]} tokens)')
+      parts.insert(0, validation_line(summary))
     print(', '.join(parts), flush=True)
   return 0
 
@@ -105,8 +110,7 @@ def _eval(argv) -> int:
   workdir = os.path.abspath(args.workdir)
   result = trainer.evaluate_checkpoint(config_for(None, workdir, ()), workdir, args.step,
                                        args.batches)
-  print(f'step {result["step"]}: validation loss {result["val_loss"]:.4f}, perplexity '
-        f'{result["val_ppl"]:.2f} ({result["val_tokens"]} tokens)')
+  print(f'step {result["step"]}: {validation_line(result)}')
   print(json.dumps(result), flush=True)
   return 0
 

@@ -230,7 +230,7 @@ def train(config, workdir: str, devices=None) -> dict:
         val_iter.set_state(val_start)
         result = evaluate(programs.eval_step, state.params, frozen,
                           (feed.to_mesh(b) for _, b in zip(range(config.eval_batches),
-                                                           val_iter)))
+                                                           val_iter)), objective.token_ce)
       return {**result, **objective.eval_metrics(lambda: whole(plain_params()), tokenizer)}
 
     if is_main:  # everything checked: record the experiment, rewind metrics to the state
@@ -400,16 +400,18 @@ class DataFeed:
     return self.shard_batch(self.local(host_batch))
 
 
-def evaluate(eval_step, params, frozen, batches) -> dict:
-  """val_loss (mean CE per token), val_ppl, val_tokens and every other sum of the eval LossFn
-  per token as val_<metric> (as the train step names them) over the sharded `batches`."""
+def evaluate(eval_step, params, frozen, batches, token_ce: bool = True) -> dict:
+  """val_loss (the objective per token), val_tokens, val_ppl (only where the loss is a
+  cross-entropy per token: `token_ce`) and every other sum of the eval LossFn per token as
+  val_<metric> (as the train step names them) over the sharded `batches`."""
   sums = jax.device_get([eval_step(params, batch, frozen) for batch in batches])
   total = {k: float(sum(s[k] for s in sums)) for k in sums[0]}
   if not total['tokens']:
     raise TrainError('the validation split has no tokens; raise data.val_fraction or add files.')
   result = {f'val_{k}': float(v) for k, v in step_lib.per_token_metrics(total).items()}
-  return {**result, 'val_ppl': math.exp(min(result['val_loss'], 700.0)),
-          'val_tokens': int(total['tokens'])}
+  if token_ce:
+    result['val_ppl'] = math.exp(min(result['val_loss'], 700.0))
+  return {**result, 'val_tokens': int(total['tokens'])}
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None,
@@ -441,7 +443,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None,
   try:
     result = evaluate(programs.eval_step, state.params, frozen,
                       (feed.to_mesh(b) for _, b in zip(range(batches or config.eval_batches),
-                                                       val_iter)))
+                                                       val_iter)), programs.objective.token_ce)
   finally:
     val_iter.close()
   return {'step': step, **result}

@@ -72,6 +72,7 @@ def pair_logps(cfg, params, batch, *, chunk_size: int, rng=None):
 class DirectPreference(reference.WithReference):
   """`objective='dpo'`: DPO and its relatives on paired preference data."""
   name = 'dpo'
+  token_ce = False
   section = 'dpo'
 
   def uses_reference(self) -> bool:

@@ -57,6 +57,7 @@ def rewards(cfg, params, head_kernel, rows: dict, rng=None):
 class RewardModel(base.Objective):
   """`objective='reward'`: a Bradley-Terry reward model on paired preference data."""
   name = 'reward'
+  token_ce = False
   section = 'reward'
 
   @classmethod
