@@ -88,15 +88,22 @@ def test_the_loss_as_a_sum_over_its_divisor_is_the_aggregated_loss(prompts_file,
            'advantages': rng.normal(size=b).astype(np.float32),
            'reward': rng.normal(size=b).astype(np.float32)}
   model = objective.build_model(train=False)
-  logps = objective.sampler.token_logps(objective.plain_params(trainable, frozen), batch)
-  batch['old_logps'] = np.asarray(logps) + rng.normal(0, 0.1, (b, s)).astype(np.float32) * mask
-  loss_fn = objective.train_loss(model)
-  objective_sum, sums = loss_fn(trainable, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
-  ref = np.asarray(logps)   # the reference is the starting params: the same log-probs
-  want = losses.grpo_token_loss(np.asarray(logps), batch['old_logps'], ref, batch['advantages'],
-                                mask, beta=0.04, loss_type=loss_type,
-                                max_completion_length=s + 1 - 12)
-  np.testing.assert_allclose(objective_sum / sums['tokens'], want, rtol=1e-5)
+  logps = np.asarray(objective.sampler.token_logps(objective.plain_params(trainable, frozen),
+                                                   batch))
+  batch['old_logps'] = logps + rng.normal(0, 0.1, (b, s)).astype(np.float32) * mask
+  # mu = 2 passes: the sampler's (here perturbed) log-probs are the old policy; one pass: the
+  # current log-probs are (ratio 1, as TRL's), and the batch's old_logps are not read.
+  two_passes = type(objective)(config_lib.load_config(TINY, _flags(
+      prompts_file, 4, f'--config.grpo.loss_type={loss_type}', '--config.grpo.beta=0.04',
+      '--config.grpo.num_iterations=2')))
+  for loss_fn, old in ((two_passes.train_loss(model), batch['old_logps']),
+                       (objective.train_loss(model), logps)):
+    objective_sum, sums = loss_fn(trainable, frozen,
+                                  {k: jnp.asarray(v) for k, v in batch.items()})
+    ref = logps   # the reference is the starting params: the same log-probs
+    want = losses.grpo_token_loss(logps, old, ref, batch['advantages'], mask, beta=0.04,
+                                  loss_type=loss_type, max_completion_length=s + 1 - 12)
+    np.testing.assert_allclose(objective_sum / sums['tokens'], want, rtol=1e-5)
 
 
 def test_a_tiny_run_raises_the_reward(prompts_file, tmp_path):

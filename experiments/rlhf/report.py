@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+import rewards
 import sampling
 from flaxllm import rundir
 from flaxllm.objectives.align import reward
@@ -53,6 +54,22 @@ def reward_model_accuracy(data: str) -> dict:
           for name, suffix in (('rater_labels', ''), ('true_order', '_true'))}
 
 
+def baselines(data: str) -> dict:
+  """Accuracy on the held-out pairs of simple rules (ties count half): the true reward
+  itself, 'the shorter body wins' and 'the body that parses wins'."""
+  out = {}
+  for name, suffix in (('rater_labels', ''), ('true_order', '_true')):
+    with open(os.path.join(data, f'pairs_heldout{suffix}.jsonl')) as f:
+      pairs = [json.loads(line) for line in f]
+    parses = lambda r, side: rewards.parses_as_python([r['prompt'][0]['content']], [r[side]])[0]
+    rules = {'true_reward': lambda r: np.sign(r['true_chosen'] - r['true_rejected']),
+             'shorter_wins': lambda r: np.sign(len(r['rejected']) - len(r['chosen'])),
+             'parses_wins': lambda r: np.sign(parses(r, 'chosen') - parses(r, 'rejected'))}
+    out[name] = {rule: float(np.mean([(fn(r) + 1) / 2 for r in pairs]))
+                 for rule, fn in rules.items()}
+  return out
+
+
 def plot(results: dict, path: str):
   import matplotlib
   matplotlib.use('Agg')
@@ -85,7 +102,8 @@ def main(argv=None):
   evaluate = lambda params: sampling.sample(s, params, tokenizer, records, seed=1,
                                             repeat=args.samples, others={'sft': sft})
   results = {'prompts': len(records), 'samples_per_prompt': args.samples,
-             'reward_model_accuracy': reward_model_accuracy(data), 'curves': {}, 'examples': {}}
+             'reward_model_accuracy': reward_model_accuracy(data), 'baselines': baselines(data),
+             'curves': {}, 'examples': {}}
   before = evaluate(sft)
   results['sft'] = {'step': 0, **summary(before)}
   results['examples']['sft'] = list(zip(before['prompt'], before['completion']))[:6:2]
@@ -106,7 +124,7 @@ def main(argv=None):
   acc = results['reward_model_accuracy']
   print(f"reward model, held-out pairs: accuracy {acc['rater_labels']['accuracy']:.3f} on "
         f"rater labels, {acc['true_order']['accuracy']:.3f} on the true order "
-        f"({acc['true_order']['pairs']} pairs)")
+        f"({acc['true_order']['pairs']} pairs); rules: {json.dumps(results['baselines'])}")
   print('| model | step | true reward | RM score | KL to SFT | parses | docstring | chars |')
   print('|---|---|---|---|---|---|---|---|')
   rows = [('sft', results['sft'])] + [(run, c[-1]) for run, c in results['curves'].items()]

@@ -2,7 +2,7 @@
 2024, as TRL's GRPOTrainer): the policy samples a group of completions per prompt inside the
 training loop and learns from their rewards relative to the group.
 
-    flaxllm train --config=experiments/rlhf/config.py:step=grpo --workdir=runs/rlhf/grpo
+    flaxllm train --config=experiments/rlhf/config.py:stage=grpo --workdir=runs/rlhf/grpo
 
 Each train step is one rollout, made on the host by the batch hook before the step
 (`rollout.Sampler`):
@@ -11,7 +11,9 @@ Each train step is one rollout, made on the host by the batch hook before the st
      the random key folded from (seed, step);
   2. the completions are scored by the reward functions and/or the reward model;
   3. advantages are normalised per group (`losses.group_advantages`, `scale_rewards`);
-  4. the sampling policy's log-probs of the completion tokens are recorded (the "old" policy).
+  4. with `num_iterations` > 1, the sampling policy's log-probs of the completion tokens are
+     recorded (the "old" policy); with one pass the old policy is the current one, so the loss
+     uses its own log-probs without gradient (ratio 1, as TRL) and no forward is spent on it.
 Then the step makes `grpo.num_iterations` (mu) optimiser passes over the rollout with the
 clipped-ratio loss (`epsilon_low`, `epsilon_high`), the k3 KL to the reference times `beta`,
 aggregated as `loss_type` (grpo, bnpo, dr_grpo, dapo; `losses.aggregate_token_loss`). The
@@ -129,7 +131,9 @@ class GroupRelative(reference.WithReference):
       advantages = losses.group_advantages(out.scores, g.group_size,
                                            scale_rewards=g.scale_rewards,
                                            epsilon=g.advantage_epsilon, ddof=g.std_ddof)
-      return {**out.rows, 'old_logps': np.asarray(self.sampler.token_logps(params, out.rows)),
+      old = (np.asarray(self.sampler.token_logps(params, out.rows)) if g.num_iterations > 1
+             else np.zeros_like(out.rows['loss_mask']))   # unused: see the module docstring
+      return {**out.rows, 'old_logps': old,
               'advantages': np.asarray(advantages, np.float32),
               'reward': np.nan_to_num(out.scores).astype(np.float32)}
     return hook
@@ -149,8 +153,9 @@ class GroupRelative(reference.WithReference):
       if g.beta > 0:
         ref = sequences.token_logps(cfg, jax.lax.stop_gradient(self.reference_params(frozen)),
                                     rows, chunk_size=g.chunk_size)
+      old = batch['old_logps'] if g.num_iterations > 1 else jax.lax.stop_gradient(logps)
       per_token = losses.grpo_per_token_loss(
-          logps, batch['old_logps'], ref, batch['advantages'], epsilon_low=g.epsilon_low,
+          logps, old, ref, batch['advantages'], epsilon_low=g.epsilon_low,
           epsilon_high=g.epsilon_high, beta=g.beta) * mask
       real = (jnp.sum(mask, axis=-1) > 0).astype(jnp.float32)
       if g.loss_type == 'grpo':       # the token mean of each sequence, averaged
@@ -160,7 +165,7 @@ class GroupRelative(reference.WithReference):
         objective, tokens = jnp.sum(per_token) / completion_len, jnp.sum(real)
       else:                           # bnpo, dapo: the token mean of the batch
         objective, tokens = jnp.sum(per_token), jnp.sum(mask)
-      low, high = losses.grpo_clip_flags(logps, batch['old_logps'], batch['advantages'],
+      low, high = losses.grpo_clip_flags(logps, old, batch['advantages'],
                                          epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high)
       sums = {'ce': objective, 'tokens': tokens,
               'clip_ratio': token_mean((low | high).astype(jnp.float32), mask) * tokens,
