@@ -1,7 +1,7 @@
 """Direct preference optimisation and its relatives (`objective='dpo'`, settings in
 `config.dpo`): the policy learns from (prompt, chosen, rejected) pairs without a reward model.
 
-    flaxllm train --config=experiments/rlhf/config.py:step=dpo --workdir=runs/rlhf/dpo
+    flaxllm train --config=experiments/rlhf/config.py:stage=dpo --workdir=runs/rlhf/dpo
 
 `dpo.loss_type` is one of `LOSS_TYPES`: sigmoid (DPO; with `label_smoothing` cDPO), hinge,
 ipo, robust, the reference-free simpo and orpo, and kto on unpaired (prompt, completion,
@@ -17,7 +17,10 @@ The reference model:
     copy of the weights;
   * full or freeze fine-tuning: a frozen copy of the starting params, `frozen['reference']`;
   * `dpo.reference=<dir>`: another model (a flaxllm workdir, model directory or Hugging Face
-    directory, checked against the policy's shapes), loaded once into `frozen['reference']`.
+    directory, checked against the policy's shapes), loaded once into `frozen['reference']`;
+  * `dpo.reference_logps=<dir>`: the reference's log-probs of every training batch, stored
+    once by `flaxllm reference-logps` (like distillation's offline teacher logits) and read by
+    step: no reference model in memory or in the step.
 It runs under `stop_gradient` and is never updated. The loss is the mean over pairs (`tokens`
 counts pairs, so accumulation is exact); metrics per pair: `rewards_chosen`,
 `rewards_rejected`, `margin`, `accuracy` (chosen reward above rejected), `logps_chosen`,

@@ -4,7 +4,7 @@ policy samples a completion per prompt inside the training loop, a reward model 
 the policy and a value function learn from the per-token rewards with a KL penalty to the
 reference (the SFT model).
 
-    flaxllm train --config=experiments/rlhf/config.py:step=ppo --workdir=runs/rlhf/ppo
+    flaxllm train --config=experiments/rlhf/config.py:stage=ppo --workdir=runs/rlhf/ppo
 
 Each train step is one rollout, made on the host by the batch hook (`rollout.Sampler`):
   1. `config.batch_size` prompts are continued by the current policy (KV cache);

@@ -2,7 +2,7 @@
 decoder's final hidden state at each sequence's last real token, trained on preference pairs
 with the Bradley-Terry loss (InstructGPT's step 2).
 
-    flaxllm train --config=experiments/rlhf/config.py:step=reward --workdir=runs/rlhf/reward
+    flaxllm train --config=experiments/rlhf/config.py:stage=reward --workdir=runs/rlhf/reward
     flaxllm reward --model=runs/rlhf/reward --data=pairs.jsonl      # accuracy on pairs
 
 loss per pair = -log sigma(r_c - r_r) + reward.center_rewards_coefficient (r_c + r_r)^2
