@@ -67,9 +67,12 @@ def resolve_workdir(workdir: str) -> str:
 
 
 def validation_line(result: dict) -> str:
-  """'validation loss L, perplexity P (N tokens)'; no perplexity for a pairwise loss."""
-  ppl = f', perplexity {result["val_ppl"]:.2f}' if 'val_ppl' in result else ''
-  return f'validation loss {result["val_loss"]:.4f}{ppl} ({result["val_tokens"]} tokens)'
+  """'validation loss L, perplexity P (N tokens)'; a pairwise loss (no perplexity) counts
+  examples (pairs)."""
+  if 'val_ppl' in result:
+    return (f'validation loss {result["val_loss"]:.4f}, perplexity {result["val_ppl"]:.2f} '
+            f'({result["val_tokens"]} tokens)')
+  return f'validation loss {result["val_loss"]:.4f} ({result["val_tokens"]} examples)'
 
 
 def _train(argv) -> int:
