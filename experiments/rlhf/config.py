@@ -25,7 +25,7 @@ import os
 
 from flaxllm.config import base_config, parse_arg
 
-STAGE_STEPS = {'sft': 1200, 'reward': 400, 'ppo': 120, 'grpo': 120, 'dpo': 300}
+STAGE_STEPS = {'sft': 1200, 'reward': 120, 'ppo': 300, 'grpo': 200, 'dpo': 300}
 TRUE_REWARD = 'experiments.rlhf.rewards:true_rewards'
 
 
@@ -76,14 +76,14 @@ def get_config(arg=None):
       config.optim.lr = 3e-4
       config.reward.max_prompt_len = 80
     else:
-      config.optim.lr = 3e-5
+      config.optim.lr = 1e-4
       config.dpo.beta = arg.beta or 0.1
       config.dpo.max_prompt_len = 80
   else:                              # on-policy RL from the reward model
     config.data.path = os.path.join(data, 'prompts.jsonl')
-    config.optim.lr = 2e-5
-    config.eval_every = 20
-    config.ckpt_every = 20
+    config.optim.lr = 1e-4
+    config.eval_every = 50 if arg.stage == 'ppo' else 40
+    config.ckpt_every = config.eval_every
     s = config[arg.stage]
     s.max_prompt_len = 80
     s.reward_model = os.path.join(data, 'reward')
