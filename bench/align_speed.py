@@ -39,7 +39,8 @@ so a change of load on the shared machine hits them alike; the figures are media
 
 (b) GRPO (objective 'grpo', group size 8: 8 prompts x 8 completions, prompts left-padded to 32
 tokens, completions of up to 64 tokens, temperature 1, reward
-`experiments.rlhf.rewards:true_rewards`, loss dapo, beta 0). Each step runs the objective's
+`experiments.rlhf.rewards:true_rewards`, loss dapo, beta 0, `--grpo-iterations` optimiser
+passes, default 1: then the old log-probs are the current ones and the hook skips their forward). Each step runs the objective's
 real batch hook (`objective.batch_hook(...)`, as the trainer does) and then the train step; the
 sampler's `rollout`, `score` and `token_logps` are wrapped with timers (wrappers on the
 instance, nothing in flaxllm changed), which splits the hook into generation, reward scoring
@@ -414,7 +415,8 @@ def grpo_split(args, tmp) -> dict:
                        f'--config.data.path={prompts}', '--config.data.val_fraction=0.0',
                        f'--config.grpo.group_size={g}',
                        f'--config.grpo.max_prompt_len={prompt_len}',
-                       f'--config.grpo.reward_funcs={REWARD}')
+                       f'--config.grpo.reward_funcs={REWARD}',
+                       f'--config.grpo.num_iterations={args.grpo_iterations}')
   programs = trainer.build_programs(config, parallel.make_mesh(config.mesh, jax.devices()[:1]))
   objective, sampler = programs.objective, programs.objective.sampler
   assert sampler.completion_len == completion_len, sampler.completion_len
@@ -457,7 +459,7 @@ def grpo_split(args, tmp) -> dict:
     if step >= args.grpo_warmup:
       rows.append({'hook': t1 - t0, 'train_step': t2 - t1, 'rollout': times['rollout'][-1],
                    'reward_scoring': times['reward_scoring'][-1],
-                   'old_logps': times['old_logps'][-1],
+                   'old_logps': times['old_logps'][-1] if 'old_logps' in times else 0.0,
                    'reward': float(metrics['reward']),
                    'completion_length': float(metrics['completion_length'])})
       print(f'  step {step}: hook {1e3 * (t1 - t0):.0f} ms (rollout '
@@ -477,7 +479,8 @@ def grpo_split(args, tmp) -> dict:
           'prompt_len': prompt_len, 'completion_len': completion_len, 'seq_len': seq,
           'loss_type': config.grpo.loss_type, 'beta': config.grpo.beta,
           'temperature': config.grpo.temperature, 'reward': REWARD,
-          'steps': args.grpo_steps, 'warmup': args.grpo_warmup, 'phases_ms': phases,
+          'num_iterations': args.grpo_iterations, 'steps': args.grpo_steps,
+          'warmup': args.grpo_warmup, 'phases_ms': phases,
           'generated_tokens_per_step': gen_tokens,
           'generation_tokens_per_s': gen_tokens / (phases['generation'] / 1e3),
           'per_step': rows}
@@ -554,7 +557,8 @@ def markdown(r) -> str:
       f'{g["seq_len"]} tokens (prompts left-padded to {g["prompt_len"]}, completions up to '
       f'{g["completion_len"]} tokens, mean length {g["generated_tokens_per_step"] / g["completions"]:.1f}; '
       f'temperature {g["temperature"]}); reward `{g["reward"]}`; loss {g["loss_type"]}, beta '
-      f'{g["beta"]} (no reference model), one optimiser pass. Median over {g["steps"]} steps '
+      f'{g["beta"]} (no reference model), {g["num_iterations"]} optimiser pass(es) (mu; with one '
+      'pass the hook computes no old log-probs). Median over {g["steps"]} steps '
       f'after {g["warmup"]} warm-up steps; each step = the objective\'s batch hook + the train '
       'step, as in the trainer.', '',
       '| phase | ms/step | share of the step |', '|---|---:|---:|',
@@ -591,6 +595,7 @@ def main(argv=None):
   p.add_argument('--prompts', type=int, default=8)
   p.add_argument('--completion', type=int, default=64)
   p.add_argument('--grpo-steps', type=int, default=10)
+  p.add_argument('--grpo-iterations', type=int, default=1, help='GRPO mu (optimiser passes)')
   p.add_argument('--grpo-warmup', type=int, default=2)
   p.add_argument('--cpus', type=int, default=1, help='pin to the first N cpus (0: all)')
   p.add_argument('--out', default=os.path.join(RESULTS, 'align_speed_cpu'),
