@@ -201,19 +201,24 @@ def torch_optimizer(model, o):
 
 
 def torch_sft_variant(name, model, rows, o):
-  import torch
   opt = torch_optimizer(model, o)
   labels = rows['input_ids'].masked_fill(rows['completion_mask'] == 0, -100)
 
   def step():
     loss = model(input_ids=rows['input_ids'], attention_mask=rows['attention_mask'],
                  labels=labels, use_cache=False).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return torch_update(model, opt, loss, o.grad_clip)
   return Variant(name, step)
+
+
+def torch_update(model, opt, loss, grad_clip: float) -> float:
+  """Backward, clip, AdamW step (the torch twin of the trainer's update); the loss as a float."""
+  import torch
+  loss.backward()
+  torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+  opt.step()
+  opt.zero_grad(set_to_none=True)
+  return float(loss.detach())
 
 
 def torch_sequence_logps(model, rows):
@@ -238,11 +243,7 @@ def torch_dpo_variant(name, model, ref, rows, o, beta):
     pc, pr = policy.chunk(2)
     rc, rr = reference.chunk(2)
     loss = -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return torch_update(model, opt, loss, o.grad_clip)
   return Variant(name, step)
 
 
