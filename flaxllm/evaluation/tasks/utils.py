@@ -1,0 +1,27 @@
+"""Loads the JSONL data of flaxllm's tasks (`custom_dataset: !function utils.load_jsonl`).
+
+lm-eval hands `dataset_kwargs` to `datasets.load_dataset`, which resolves a relative
+`data_files` path against the working directory, not the YAML file; this loader resolves
+`data_file` against this folder instead, so the tasks run from any directory (and from an
+installed package), without a download or a Hugging Face cache entry."""
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_jsonl(data_file: str, **unused) -> datasets.DatasetDict:
+  """The rows of `data_file` (relative to this folder) as a DatasetDict split by their `split`
+  field (train: few-shot examples, test: scored); lm-eval passes its metadata too (ignored)."""
+  del unused
+  splits: dict[str, list[dict]] = {}
+  with open(os.path.join(HERE, data_file), encoding='utf-8') as f:
+    for line in f:
+      row = json.loads(line)
+      splits.setdefault(row.pop('split'), []).append(row)
+  return datasets.DatasetDict({name: datasets.Dataset.from_list(rows)
+                               for name, rows in splits.items()})
