@@ -19,7 +19,8 @@ compatibility) and the run's own keys; every section belongs to its feature, whi
 defaults, registries and checks: `model` (flaxllm.models.config), `data` (flaxllm.data.corpus,
 checked by flaxllm.data.pipeline), `tokenizer` (flaxllm.data.tokenizer), `mesh` / `parallel`
 (flaxllm.parallel), `optim` / `schedule` (flaxllm.train.optim), `wandb` (flaxllm.train.metrics),
-`sample`, `finetune` and each objective's section (flaxllm.objectives).
+`sample`, `finetune` and each objective's section (flaxllm.objectives), `eval_tasks`
+(flaxllm.evaluation.in_training, checked by `flaxllm train`).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ __all__ = ['ConfigError', 'ConfigDict', 'parse_arg', 'load_file', 'apply_overrid
 SAFE_TO_CHANGE = ('total_steps', 'log_every', 'eval_every', 'eval_batches', 'ckpt_every',
                   'keep_ckpts', 'peak_flops', 'progress_bar', 'wandb.', 'sample.',
                   'skip_nonfinite_steps', 'model.attention_impl', 'model.remat',
-                  'data.read_threads', 'data.data_dir', 'note', 'mesh.', 'parallel.')
+                  'data.read_threads', 'data.data_dir', 'note', 'mesh.', 'parallel.',
+                  'eval_tasks.')
 
 
 # ----------------------------------------------------------------------------- the base config
@@ -91,6 +93,10 @@ def base_config() -> ConfigDict:
   c.sample = objective_base.sample_section()
   for name, section in objectives.config_sections().items():   # finetune, distill, ...
     c[name] = section
+  # lm-eval tasks run inside `flaxllm train`: owned (checked, run) by
+  # flaxllm.evaluation.in_training, a layer above this one, whose config_section() these
+  # defaults equal (tests/test_eval_in_training.py); no tasks = nothing runs.
+  c.eval_tasks = ConfigDict(dict(tasks=(), num_fewshot=0, limit=0, every=0, batch_size=8))
   return c
 
 

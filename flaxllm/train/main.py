@@ -78,12 +78,21 @@ def validation_line(result: dict) -> str:
   return f'validation loss {result["val_loss"]:.4f} ({result["val_tokens"]} examples)'
 
 
+def train_hooks(config) -> tuple:
+  """The trainer's evaluation hooks of `config` (checked now, before anything compiles):
+  lm-eval tasks when `eval_tasks.tasks` is set (flaxllm.evaluation.in_training)."""
+  if not config.eval_tasks.tasks:
+    return ()
+  from flaxllm.evaluation import in_training  # pylint: disable=import-outside-toplevel -- optional: only with eval_tasks
+  return (in_training.hook(config),)
+
+
 def _train(argv) -> int:
   spec, workdir, overrides = parse_train_args(argv)
   distributed.initialize()  # multi-process runs (TPU VM, SLURM, launch/local.py); else a no-op
   workdir = resolve_workdir(workdir)
   config = config_for(spec, workdir, overrides)
-  summary = trainer.train(config, workdir)
+  summary = trainer.train(config, workdir, hooks=train_hooks(config))
   if summary['preempted']:
     return 0
   if summary['complete']:

@@ -10,7 +10,8 @@ complete.
 
 What is trained, what stays frozen, the loss, the data layout and what is exported all come
 from the objective (`flaxllm.objectives`, built from `config.objective`); the trainer knows no
-feature by name. The run directory's layout belongs to `flaxllm.rundir`.
+feature by name. The run directory's layout belongs to `flaxllm.rundir`. Commands add work at
+evaluation time through `hooks` (see `train`), e.g. benchmark tasks on the current params.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -39,6 +40,10 @@ from flaxllm.train import optim
 from flaxllm.train import step as step_lib
 
 log = logging.getLogger(__name__)
+
+
+# An evaluation-time hook: (step, plain_params_fn, tokenizer) -> metrics dict.
+Hook = Callable[[int, Callable[[], Any], Any], dict]
 
 
 class TrainError(RuntimeError):
@@ -150,10 +155,15 @@ class _Preemption:
 
 # ----------------------------------------------------------------------------- the trainer
 
-def train(config, workdir: str, devices=None) -> dict:
+def train(config, workdir: str, devices=None, hooks: Sequence[Hook] = ()) -> dict:
   """Trains (or resumes) the run of `config` in `workdir` on a mesh (`config.mesh`) over
   `devices` (default: all); returns a summary dict with `step`, `complete`, `preempted`, the
-  last `val_loss` / `val_ppl` (and the objective's eval metrics) and a `sample`."""
+  last `val_loss` / `val_ppl` (and the objective's and the hooks' eval metrics) and a `sample`.
+
+  Each hook is called at every evaluation, on every process, as `hook(step, plain_params,
+  tokenizer)` (`plain_params()`: the model's whole plain params now) and returns metrics
+  (or {}) that are logged with the validation metrics. Hooks must not touch the training
+  state, RNG or data, so that resumed runs stay exact."""
   with contextlib.ExitStack() as closing:  # checkpoints, iterators, writers: closed on any exit
     # ---- 1. Workdir and config: a workdir with checkpoints only resumes its experiment -----
     config = config_lib.validate(config)
@@ -223,15 +233,19 @@ def train(config, workdir: str, devices=None) -> dict:
     batch_hook = objective.batch_hook(  # per-step host work of the objective, if any
         tokenizer, feed.rows if jax.process_count() > 1 else slice(None))
 
-    def validate() -> dict:
-      """Validation metrics on the first `eval_batches` batches (the same every time)."""
+    def validate(step: int) -> dict:
+      """Validation metrics on the first `eval_batches` batches (the same every time), then
+      the hooks' metrics."""
       result = {}
       if programs.eval_step is not None:
         val_iter.set_state(val_start)
         result = evaluate(programs.eval_step, state.params, frozen,
                           (feed.to_mesh(b) for _, b in zip(range(config.eval_batches),
                                                            val_iter)), objective.token_ce)
-      return {**result, **objective.eval_metrics(lambda: whole(plain_params()), tokenizer)}
+      result = {**result, **objective.eval_metrics(lambda: whole(plain_params()), tokenizer)}
+      for hook in hooks:
+        result.update(hook(step, lambda: whole(plain_params()), tokenizer))
+      return result
 
     if is_main:  # everything checked: record the experiment, rewind metrics to the state
       rundir.save_config_json(workdir, config_lib.to_json(config))
@@ -312,7 +326,7 @@ def train(config, workdir: str, devices=None) -> dict:
           flush(step)
         writer.advance(step)
         if do_eval:
-          last_eval = validate()
+          last_eval = validate(step)
           writer.write(step, last_eval, show=('loss', 'val_loss', 'val_ppl'))
           window[0] = time.perf_counter()
         if do_ckpt:
@@ -325,7 +339,7 @@ def train(config, workdir: str, devices=None) -> dict:
 
     # ---- 7. The end: final evaluation, loss curve, exports, sample ---------------------------
     if not last_eval:  # a completed run started again: evaluate once more, log nothing new
-      last_eval = validate()
+      last_eval = validate(step)
     summary = {'step': step, 'complete': True, 'preempted': False, **last_eval}
     if start_step < total or not rundir.has_exported_model(workdir):
       objective.export(workdir, plain_params(), state.params, whole, is_main)
