@@ -20,7 +20,6 @@ its checks, run by `flaxllm train` before anything is compiled.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from typing import Callable
 import numpy as np
 from ml_collections import ConfigDict
 
+from flaxllm.evaluation import tasks as task_lib
 from flaxllm.models.config import ConfigError
 
 SECTION = 'eval_tasks'
@@ -44,22 +44,6 @@ def config_section() -> ConfigDict:
       every=0,           # steps between harness evaluations (a multiple of eval_every);
       #                    0 = at each evaluation. Always at the end of the run.
       batch_size=8))     # rows per compiled call of the backend
-
-
-@functools.lru_cache(maxsize=2)
-def task_manager(include_paths: tuple[str, ...] = ()):
-  """lm-eval's TaskManager over flaxllm's tasks, `include_paths` and its catalogue (indexed
-  once per process)."""
-  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel -- heavy, optional: only with eval_tasks
-  from flaxllm.evaluation.tasks import TASKS_DIR  # pylint: disable=import-outside-toplevel -- only with eval_tasks
-  return TaskManager(include_path=[TASKS_DIR, *include_paths], include_defaults=True)
-
-
-def _flaxllm_tasks(manager) -> list[str]:
-  from flaxllm.evaluation.tasks import TASKS_DIR  # pylint: disable=import-outside-toplevel -- only with eval_tasks
-  folder = os.path.join(os.path.abspath(TASKS_DIR), '')
-  return sorted(name for name, entry in manager.task_index.items()
-                if entry.yaml_path and str(entry.yaml_path).startswith(folder))
 
 
 def check_section(config) -> None:
@@ -81,7 +65,7 @@ def check_section(config) -> None:
                       f'eval_every={config.eval_every} (the tasks run at evaluations); use a '
                       'multiple, or 0 for every evaluation.')
   try:
-    manager = task_manager()
+    manager = task_lib.task_manager()
   except ModuleNotFoundError as e:
     if (e.name or '').split('.')[0] != 'lm_eval':
       raise
@@ -90,7 +74,7 @@ def check_section(config) -> None:
   unknown = [name for name in section.tasks if name not in manager.all_tasks]
   if unknown:
     raise ConfigError(f'{SECTION}.tasks has unknown task {unknown[0]!r}; flaxllm\'s tasks are '
-                      f'{", ".join(_flaxllm_tasks(manager))} (and lm-eval\'s catalogue: lm-eval '
+                      f'{", ".join(task_lib.local_tasks(manager))} (and lm-eval\'s catalogue: lm-eval '
                       'ls tasks).')
 
 
@@ -134,7 +118,8 @@ def hook(config) -> Callable[[int, Callable, object], dict]:
     try:
       results = lm_eval.simple_evaluate(
           model=lm, tasks=tasks, num_fewshot=int(section.num_fewshot),
-          limit=int(section.limit) or None, task_manager=task_manager(), log_samples=False,
+          limit=int(section.limit) or None, task_manager=task_lib.task_manager(),
+          log_samples=False,
           bootstrap_iters=0, verbosity='ERROR')   # no standard errors: not logged
     finally:
       random.setstate(saved[0])

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -164,25 +163,6 @@ def _eval(argv) -> int:
   return 0
 
 
-@functools.lru_cache(maxsize=4)
-def _task_manager(include_paths: tuple[str, ...]):
-  """lm-eval's TaskManager over its catalogue and `include_paths` (indexing the catalogue's
-  YAMLs takes seconds, so a process that evaluates several times indexes once). Reads YAML
-  only: a task's data is loaded when that task is."""
-  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel -- heavy, optional: only with --tasks
-  return TaskManager(include_path=list(include_paths), include_defaults=True)
-
-
-def _local_tasks(manager, folders: Sequence[str]) -> list[str]:
-  """The task, group and tag names defined in `folders` (flaxllm's tasks, --include-path)."""
-  folders = [os.path.join(os.path.abspath(f), '') for f in folders]
-  own = {name for name, entry in manager.task_index.items()
-         if entry.yaml_path and str(entry.yaml_path).startswith(tuple(folders))}
-  tags = {name for name, entry in manager.task_index.items()
-          if entry.yaml_path is None and entry.tags and entry.tags <= own}
-  return sorted(own | tags)
-
-
 def _shots_available(task) -> int:
   """How many few-shot examples lm-eval can draw for `task` (when it draws from the split it
   scores, it leaves the document itself out)."""
@@ -210,7 +190,7 @@ def _eval_tasks(args) -> int:
     import lm_eval  # pylint: disable=import-outside-toplevel -- heavy, optional: only with --tasks
     from lm_eval.utils import handle_non_serializable, make_table  # pylint: disable=import-outside-toplevel -- heavy, optional: only with --tasks
     from flaxllm.evaluation import harness  # pylint: disable=import-outside-toplevel -- heavy, optional: only with --tasks
-    from flaxllm.evaluation.tasks import TASKS_DIR  # pylint: disable=import-outside-toplevel -- optional: only with --tasks
+    from flaxllm.evaluation import tasks as task_lib  # pylint: disable=import-outside-toplevel -- optional: only with --tasks
   except ModuleNotFoundError as e:
     if (e.name or '').split('.')[0] != 'lm_eval':
       raise
@@ -219,15 +199,15 @@ def _eval_tasks(args) -> int:
   if not os.environ.get('FLAXLLM_DEBUG'):
     logging.getLogger('lm_eval').setLevel(logging.ERROR)   # its per-task notices, not ours
 
-  folders = [TASKS_DIR] + [os.path.abspath(f) for f in args.include_path]
-  manager = _task_manager(tuple(folders))
+  include = tuple(os.path.abspath(f) for f in args.include_path)
+  manager = task_lib.task_manager(include)
   names = [t.strip() for t in args.tasks.split(',') if t.strip()]
   if not names:
     raise ConfigError('--tasks is empty; name at least one task, e.g. --tasks=flaxllm_stdlib.')
   unknown = [n for n in names if n not in manager.all_tasks
              and not (n.endswith('.yaml') and os.path.isfile(n))]
   if unknown:
-    local = _local_tasks(manager, folders)
+    local = task_lib.local_tasks(manager, include)
     more = len(manager.all_tasks) - len(local)
     raise ConfigError(f'unknown task {unknown[0]!r}; the local tasks are {", ".join(local)} '
                       f"(and lm-eval's catalogue has {more} more: lm-eval ls tasks).")
