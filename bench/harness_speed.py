@@ -1,0 +1,177 @@
+"""lm-eval log-likelihood throughput on CPU: flaxllm's backend (`flaxllm.evaluation.harness.FlaxLM`)
+next to lm-eval's own `hf` backend (`lm_eval.models.huggingface.HFLM`), same model, same requests.
+
+    .venv/bin/python bench/harness_speed.py      # writes bench/results/harness_speed_cpu.{json,md}
+    .venv/bin/python bench/harness_speed.py --limit 20 --out ''   # quick look
+
+Model: a random-init `transformers.LlamaConfig` (default init) of 4 layers, hidden 256, 4 heads,
+SwiGLU 688, max_position_embeddings 512, vocabulary 258 (a byte-level tokenizer.json: <s>, </s>
+and one token per byte, built as in tests/test_harness.py), float32, saved with
+`save_pretrained` into a temporary directory; both backends load that directory
+(`FlaxLM(pretrained=DIR, batch_size=B)`, `HFLM(pretrained=DIR, device='cpu', dtype='float32',
+batch_size=B)`).
+
+Requests: the shipped multiple-choice task `flaxllm_stdlib_docname` through
+`lm_eval.simple_evaluate(model=lm, tasks=[...], limit=N, task_manager=flaxllm's)`, N docs x 4
+choices = 4N loglikelihood requests. The whole `simple_evaluate` call is timed (task loading
+included, the same for both). Cold = the first call in the process for that backend (for
+flaxllm: one compile per length bucket); warm = the median of `--reps` later calls, the two
+backends taking turns. Compile share = (cold - warm) / cold. Threads: torch.set_num_threads(2),
+JAX's default (the machine has 2 cores). acc / acc_norm from both show they computed the same
+thing; the per-request log-likelihoods are compared too (max abs difference).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+TASK = 'flaxllm_stdlib_docname'
+
+
+def _byte_tokenizer(tokenizers, transformers):
+  alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  vocab = {'<s>': 0, '</s>': 1, **{ch: i + 2 for i, ch in enumerate(alphabet)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                          use_regex=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.add_special_tokens(['<s>', '</s>'])
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>',
+                                              eos_token='</s>'), len(vocab)
+
+
+def build_model_dir(path: str) -> dict:
+  import tokenizers
+  import torch
+  import transformers
+  tok, n_vocab = _byte_tokenizer(tokenizers, transformers)
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=n_vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+      rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+  model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+  model.save_pretrained(path)
+  tok.save_pretrained(path)
+  return {'layers': 4, 'hidden': 256, 'heads': 4, 'intermediate': 688, 'vocab': n_vocab,
+          'max_position_embeddings': 512, 'dtype': 'float32',
+          'params': sum(p.numel() for p in model.parameters())}
+
+
+def run_eval(lm, limit: int, manager):
+  import lm_eval
+  t0 = time.perf_counter()
+  out = lm_eval.simple_evaluate(model=lm, tasks=[TASK], limit=limit, task_manager=manager,
+                                log_samples=True, verbosity='ERROR')
+  seconds = time.perf_counter() - t0
+  res = out['results'][TASK]
+  lls = [float(r[0][0]) for s in out['samples'][TASK] for r in s['resps']]
+  return seconds, {'acc': res['acc,none'], 'acc_norm': res['acc_norm,none']}, lls
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--limit', type=int, default=100)
+  ap.add_argument('--batch-size', type=int, default=16)
+  ap.add_argument('--reps', type=int, default=2)
+  ap.add_argument('--out', default='bench/results/harness_speed_cpu')
+  args = ap.parse_args()
+
+  import torch
+  torch.set_num_threads(2)
+  import jax
+  import lm_eval
+  import transformers
+  from lm_eval.models.huggingface import HFLM
+
+  from flaxllm.evaluation import harness
+  from flaxllm.evaluation import tasks as flax_tasks
+
+  load_before = os.getloadavg()
+  manager = flax_tasks.task_manager()
+  with tempfile.TemporaryDirectory() as tmp:
+    model_info = build_model_dir(tmp)
+    lms = {
+        'flaxllm': harness.FlaxLM(pretrained=tmp, batch_size=args.batch_size),
+        'hf': HFLM(pretrained=tmp, device='cpu', dtype='float32', batch_size=args.batch_size),
+    }
+    cold, warm, metrics, lls = {}, {k: [] for k in lms}, {}, {}
+    for name, lm in lms.items():
+      cold[name], metrics[name], lls[name] = run_eval(lm, args.limit, manager)
+      print(f'{name} cold {cold[name]:.2f}s {metrics[name]}', flush=True)
+    for _ in range(args.reps):
+      for name, lm in lms.items():
+        seconds, m, _ = run_eval(lm, args.limit, manager)
+        assert m == metrics[name], (name, m, metrics[name])
+        warm[name].append(seconds)
+        print(f'{name} warm {seconds:.2f}s', flush=True)
+  load_after = os.getloadavg()
+
+  n_req = len(lls['flaxllm'])
+  assert n_req == len(lls['hf'])
+  max_diff = max(abs(a - b) for a, b in zip(lls['flaxllm'], lls['hf']))
+  rows = {}
+  for name in lms:
+    w = statistics.median(warm[name])
+    rows[name] = {'cold_s': cold[name], 'warm_s': w, 'warm_all_s': warm[name],
+                  'requests_per_s_warm': n_req / w, 'compile_share': (cold[name] - w) / cold[name],
+                  **metrics[name]}
+  ratio = rows['flaxllm']['requests_per_s_warm'] / rows['hf']['requests_per_s_warm']
+  result = {
+      'command': ' '.join([sys.executable.split('/')[-1], *sys.argv]),
+      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'platform': platform.platform(), 'processor': platform.processor(),
+      'cpus': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+      'versions': {'python': platform.python_version(), 'jax': jax.__version__,
+                   'torch': torch.__version__, 'transformers': transformers.__version__,
+                   'lm_eval': getattr(lm_eval, '__version__', 'unknown')},
+      'jax_devices': [str(d) for d in jax.devices()],
+      'loadavg_before': load_before, 'loadavg_after': load_after,
+      'task': TASK, 'limit': args.limit, 'loglikelihood_requests': n_req,
+      'batch_size': args.batch_size, 'reps': args.reps, 'model': model_info,
+      'backends': rows, 'same_acc': metrics['flaxllm'] == metrics['hf'],
+      'max_abs_loglikelihood_diff': max_diff,
+      'flaxllm_over_hf_requests_per_s': ratio,
+  }
+  print(json.dumps(result, indent=1))
+  if not args.out:
+    return
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out + '.json', 'w') as f:
+    json.dump(result, f, indent=1)
+    f.write('\n')
+  lines = [
+      '# lm-eval log-likelihood throughput, CPU: flaxllm backend vs lm-eval `hf`', '',
+      f'`{result["command"]}` on {result["date"]}, {result["platform"]}, {result["cpus"]} CPUs '
+      f'(torch threads {result["torch_threads"]}, JAX default); load average '
+      f'{load_before[0]:.2f} before, {load_after[0]:.2f} after.',
+      f'jax {jax.__version__}, torch {torch.__version__}, transformers '
+      f'{transformers.__version__}, lm_eval {result["versions"]["lm_eval"]}.', '',
+      f'Task `{TASK}`, limit {args.limit} docs = {n_req} loglikelihood requests, batch size '
+      f'{args.batch_size}; random-init LLaMA (4 layers, hidden 256, 4 heads, SwiGLU 688, '
+      f'vocab {model_info["vocab"]}, float32, {model_info["params"] / 1e6:.2f}M params) from one '
+      'HF directory. Time = the whole `simple_evaluate` call; warm = median of '
+      f'{args.reps} later calls (backends alternating).', '',
+      '| backend | cold s | warm s | requests/s (warm) | compile share | acc | acc_norm |',
+      '|---|---|---|---|---|---|---|',
+  ]
+  for name, r in rows.items():
+    lines.append(f'| {name} | {r["cold_s"]:.2f} | {r["warm_s"]:.2f} | '
+                 f'{r["requests_per_s_warm"]:.1f} | {100 * r["compile_share"]:.0f}% | '
+                 f'{r["acc"]:.3f} | {r["acc_norm"]:.3f} |')
+  lines += ['', f'**flaxllm / hf requests per second (warm): {ratio:.2f}x** (issue 15 aims at '
+            f'>= 2x). Same acc and acc_norm: {result["same_acc"]}; max |log-likelihood '
+            f'difference| over the {n_req} requests: {max_diff:.2e}.', '']
+  with open(args.out + '.md', 'w') as f:
+    f.write('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()
