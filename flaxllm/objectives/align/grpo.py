@@ -27,7 +27,6 @@ reports their mean rewards (per source as `reward_<name>`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from flaxllm.data import preference
-from flaxllm.models.config import ConfigError, require
+from flaxllm.models.config import require
 from flaxllm.objectives import base
 from flaxllm.objectives.align import losses, reference, rollout, sequences
 
@@ -57,7 +56,7 @@ def config_section() -> ConfigDict:
   return c
 
 
-class GroupRelative(reference.WithReference):
+class GroupRelative(rollout.RolloutObjective):
   """`objective='grpo'`: on-policy RL from programmatic or learned rewards (see the module)."""
   name = 'grpo'
   section = 'grpo'
@@ -86,20 +85,12 @@ class GroupRelative(reference.WithReference):
     reference.check_reference_settings(config, 'grpo')
     rollout.check_sampler_section(config, 'grpo')
 
-  def __init__(self, config):
-    super().__init__(config)
-    self.sampler = rollout.Sampler(config, config.grpo)
-
   def uses_reference(self) -> bool:
     return self.config.grpo.beta > 0
 
   @property
   def passes(self) -> int:
     return self.config.grpo.num_iterations
-
-  def check(self, tokenizer) -> None:
-    del tokenizer
-    check_prompt_data(self.config)
 
   # ---- the rollout (host, before each step) ------------------------------------------------
 
@@ -177,15 +168,6 @@ class GroupRelative(reference.WithReference):
       return objective, sums
     return loss_fn
 
-  def eval_loss(self, model):
-    return None   # no fixed targets: validation samples and scores (eval_metrics)
-
-  def eval_metrics(self, plain_params: Callable[[], Any], tokenizer) -> dict:
-    return self.sampler.evaluate(plain_params(), tokenizer)
-
-  def sample(self, plain_params, tokenizer):
-    del plain_params, tokenizer
-    return None
 
 
 def token_mean(x, mask):
@@ -198,9 +180,3 @@ def row_mean(x, real):
   return jnp.sum(x * real) / jnp.maximum(jnp.sum(real), 1.0)
 
 
-def check_prompt_data(config) -> None:
-  """ConfigError unless every record of the data has a prompt (any record kind works)."""
-  try:
-    preference.check_records(config.data, preference.record_kind(config.data))
-  except ValueError as e:
-    raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e

@@ -27,7 +27,6 @@ sampled completions).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +63,7 @@ def config_section() -> ConfigDict:
   return c
 
 
-class ProximalPolicy(reference.WithReference):
+class ProximalPolicy(rollout.RolloutObjective):
   """`objective='ppo'`: InstructGPT's RL step (see the module docstring)."""
   name = 'ppo'
   section = 'ppo'
@@ -91,10 +90,6 @@ class ProximalPolicy(reference.WithReference):
     reference.check_reference_settings(config, 'ppo')
     rollout.check_sampler_section(config, 'ppo')
 
-  def __init__(self, config):
-    super().__init__(config)
-    self.sampler = rollout.Sampler(config, config.ppo)
-
   @property
   def passes(self) -> int:
     return self.config.ppo.epochs
@@ -102,10 +97,6 @@ class ProximalPolicy(reference.WithReference):
   @property
   def minibatches(self) -> int:
     return self.config.ppo.minibatches
-
-  def check(self, tokenizer) -> None:
-    del tokenizer
-    grpo.check_prompt_data(self.config)
 
   # ---- the value function ------------------------------------------------------------------
 
@@ -220,12 +211,3 @@ class ProximalPolicy(reference.WithReference):
       return objective, sums
     return loss_fn
 
-  def eval_loss(self, model):
-    return None   # no fixed targets: validation samples and scores (eval_metrics)
-
-  def eval_metrics(self, plain_params: Callable[[], Any], tokenizer) -> dict:
-    return self.sampler.evaluate(plain_params(), tokenizer)
-
-  def sample(self, plain_params, tokenizer):
-    del plain_params, tokenizer
-    return None

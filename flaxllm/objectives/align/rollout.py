@@ -17,7 +17,7 @@ import functools
 import importlib
 import os
 import sys
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ import numpy as np
 from flaxllm import generate as generate_lib
 from flaxllm.data import preference
 from flaxllm.models.config import ConfigError, ModelConfig, require
-from flaxllm.objectives.align import reward, sequences
+from flaxllm.objectives.align import reference, reward, sequences
 
 
 def sampler_section(c) -> None:
@@ -212,3 +212,36 @@ def prompt_text(record: dict) -> str:
   if isinstance(prompt, str):
     return prompt
   return '\n'.join(str(m.get('content', '')) for m in prompt)
+
+
+def check_prompt_data(config) -> None:
+  """ConfigError unless every record of the data has a prompt (any record kind works)."""
+  try:
+    preference.check_records(config.data, preference.record_kind(config.data))
+  except ValueError as e:
+    raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e
+
+
+class RolloutObjective(reference.WithReference):
+  """What the on-policy RL objectives (GRPO, PPO) share: a `Sampler` over their section, prompt
+  data, and validation by sampling and scoring (no fixed targets, so no validation loss and no
+  sample to print)."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.sampler = Sampler(config, config[self.section])
+
+  def check(self, tokenizer) -> None:
+    del tokenizer
+    check_prompt_data(self.config)
+
+  def eval_loss(self, model):
+    return None
+
+  def eval_metrics(self, plain_params: Callable[[], Any], tokenizer) -> dict:
+    return self.sampler.evaluate(plain_params(), tokenizer)
+
+  def sample(self, plain_params, tokenizer):
+    del plain_params, tokenizer
+    return None
+
