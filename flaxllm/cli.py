@@ -50,14 +50,24 @@ class _CheckpointThreadErrors(logging.Filter):
     return not (record.levelno >= logging.ERROR and (from_orbax or unretrieved))
 
 
+def drop_closed_loop_callbacks(unraisable) -> None:
+  """A `sys.unraisablehook`: drops the "Event loop is closed" errors of checkpoint-save
+  callbacks that finish after a failed save's event loop was shut down (tensorstore calls them
+  from C++, so they arrive here, one traceback each); anything else goes to Python's hook."""
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed'):
+    sys.__unraisablehook__(unraisable)
+
+
 def quiet_logs():
   """Warnings and errors only, from Python and absl logging (FLAXLLM_DEBUG=1: everything orbax
-  logs too)."""
+  logs too, and every unraisable error)."""
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
   absl_logging.set_verbosity(absl_logging.WARNING)
   if not os.environ.get('FLAXLLM_DEBUG'):
     for handler in logging.getLogger().handlers:
       handler.addFilter(_CheckpointThreadErrors())
+    sys.unraisablehook = drop_closed_loop_callbacks
 
 
 def enable_compilation_cache():

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxllm import cli
 from flaxllm import config as config_lib
 from flaxllm import rundir
 from flaxllm.data import corpus
@@ -238,6 +239,23 @@ def _tmpfs(path, size: str) -> bool:
   path.mkdir()
   return subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
                         capture_output=True).returncode == 0
+
+
+def test_closed_loop_callbacks_of_a_failed_save_print_nothing(capsys, monkeypatch):
+  """After a failed save, tensorstore finishes its callbacks into orbax's closed event loop;
+  each is an unraisable RuntimeError that would print a traceback at exit (seen on CI)."""
+  class RaisesWhenCollected:
+    def __init__(self, message):
+      self.message = message
+
+    def __del__(self):
+      raise RuntimeError(self.message)
+
+  monkeypatch.setattr(sys, 'unraisablehook', cli.drop_closed_loop_callbacks)
+  RaisesWhenCollected('Event loop is closed')
+  assert capsys.readouterr().err == ''
+  RaisesWhenCollected('something else')
+  assert 'RuntimeError: something else' in capsys.readouterr().err
 
 
 def test_a_full_disk_is_one_sentence_with_the_safe_step_and_resumes(env, tmp_path):
