@@ -649,13 +649,15 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def abstract_params(model_cfg: ModelConfig, sharding=None):
-  """ShapeDtypeStructs of a model's params (with `sharding` on every leaf; default: the first
-  device)."""
+  """ShapeDtypeStructs of a model's params with `sharding`: one sharding for every leaf
+  (default: the first device) or a tree of them (e.g. `axis_rules.param_shardings`)."""
   model = models.build(model_cfg)
   shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      shapes)
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    one = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.tree.map(lambda _: one, shapes)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, sharding)
 
 
 def load_params(path: str, abstract: Any = None, *, what: str = '--model', dtype: str = '',

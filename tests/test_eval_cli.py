@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def evaluated(model_dir, tmp_path_factory):
-  """One `flaxllm eval` of the tag covering the three shipped tasks, from another working
+  """One `flaxllm eval` of the tag covering the three shipped tasks, sharded, from another working
   directory (the tasks find their data next to their YAML): (exit code, stdout, output path)."""
   out_dir = tmp_path_factory.mktemp('eval_out')
   output = out_dir / 'results.json'
@@ -53,7 +53,8 @@ def evaluated(model_dir, tmp_path_factory):
   try:
     with contextlib.redirect_stdout(stdout):
       code = main_lib.eval_main([f'--model={model_dir}', '--tasks=flaxllm_stdlib',
-                                 f'--limit={LIMIT}', '--num-fewshot=1', '--batch-size=4',
+                                 f'--limit={LIMIT}', '--num-fewshot=1', '--batch-size=8',
+                                 '--mesh=data:2,fsdp:-1',   # sharded over the 8 devices
                                  f'--output={output}', '--log-samples'])
   finally:
     os.chdir(cwd)
@@ -111,6 +112,11 @@ def test_more_shots_than_few_shot_documents(model_dir, capsys):
                          '--num-fewshot=51'])
   assert line == ('error: --num-fewshot=51 is more than the 50 few-shot documents of task '
                   'flaxllm_stdlib_docname; use at most 50.')
+
+
+def test_a_bad_mesh_is_one_sentence(model_dir, capsys):
+  line = _error(capsys, [f'--model={model_dir}', '--tasks=flaxllm_stdlib', '--mesh=fsdp:3'])
+  assert line.startswith('error: ') and 'mesh' in line and line.endswith('.')
 
 
 def test_harness_flags_need_tasks(model_dir, capsys):

@@ -311,3 +311,32 @@ def test_a_flaxllm_model_dir_with_the_bytes_tokenizer(tmp_path):
   assert total == pytest.approx(logp.sum(), abs=TOL)    # one BOS, then every byte scored
   logp, _ = _direct_logp(lm, [tok.bos_id] + tok.encode('cd'))
   assert empty == pytest.approx(logp.sum(), abs=TOL)
+
+
+def test_sharded_over_a_mesh_gives_the_same_numbers(hf_dir, lm):
+  """mesh='data:2/fsdp:2/tensor:2' (as lm-eval's model_args write it) over the 8 test devices:
+  params restored into shards, rows split over the data axes; the same log-likelihoods,
+  rolling totals and greedy text as the one-device backend."""
+  sharded = harness.FlaxLM(pretrained=hf_dir, batch_size=4, mesh='data:2/fsdp:2/tensor:2')
+  leaves = jax.tree.leaves(sharded.params)
+  assert all(len(x.sharding.device_set) == 8 for x in leaves)
+  assert sum(not x.sharding.is_fully_replicated for x in leaves) >= len(leaves) // 2
+  pairs = [('def add(a, b):\n    return', ' a + b'), ('', 'abc'), (TEXT[:60], TEXT[60:90])]
+  np.testing.assert_allclose([x for x, _ in _ll(sharded, pairs)],
+                             [x for x, _ in _ll(lm, pairs)], atol=1e-5)
+  rolling = [_req('loglikelihood_rolling', TEXT)]
+  assert sharded.loglikelihood_rolling(rolling, disable_tqdm=True)[0] == pytest.approx(
+      lm.loglikelihood_rolling(rolling, disable_tqdm=True)[0], abs=1e-4)
+  until = [_req('generate_until', 'def f(', {'until': ['\n'], 'max_gen_toks': 8,
+                                              'do_sample': False})]
+  assert sharded.generate_until(until, disable_tqdm=True) == lm.generate_until(
+      until, disable_tqdm=True)
+
+
+@pytest.mark.parametrize('mesh, batch_size, message', [
+    ('fsdp=4', 4, r"mesh 'fsdp=4': 'fsdp=4' is not AXIS:SIZE .* write e\.g\. fsdp:4,tensor:2\."),
+    ('data:2/fsdp:4', 3, r'the global batch size 3 is not divisible by the data-parallel mesh '
+                         r'axes data=2 x fsdp=4 = 8; use a multiple of 8\.')])
+def test_a_bad_mesh_is_one_sentence(hf_dir, mesh, batch_size, message):
+  with pytest.raises(ValueError, match=message):
+    harness.FlaxLM(pretrained=hf_dir, batch_size=batch_size, mesh=mesh)

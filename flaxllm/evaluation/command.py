@@ -11,6 +11,7 @@ import os
 
 from flaxllm import rundir
 from flaxllm.models.config import ConfigError
+from flaxllm.parallel import mesh as mesh_lib
 
 
 def shots_available(task) -> int:
@@ -29,6 +30,7 @@ def run_tasks(args) -> int:
   """`flaxllm eval --tasks=...`: lm_eval.simple_evaluate on the flaxllm backend."""
   what, path = ('--model', args.model) if args.model else ('--workdir', args.workdir)
   rundir.model_source(path, what=what)   # a missing or unreadable directory: one sentence, now
+  mesh = mesh_lib.parse_spec(args.mesh) if args.mesh else None   # a bad --mesh: now
   if args.log_samples and not args.output:
     raise ConfigError('--log-samples needs --output=FILE (the samples go next to it).')
   if args.num_fewshot is not None and args.num_fewshot < 0:
@@ -82,7 +84,7 @@ def run_tasks(args) -> int:
                         f'{name}; use at most {available}.')
 
   kwargs = {} if args.batch_size is None else {'batch_size': args.batch_size}
-  lm = harness.FlaxLM(pretrained=path, step=args.step, **kwargs)
+  lm = harness.FlaxLM(pretrained=path, step=args.step, mesh=mesh, **kwargs)
   results = lm_eval.simple_evaluate(model=lm, tasks=chosen, num_fewshot=args.num_fewshot,
                                     limit=args.limit, task_manager=manager,
                                     log_samples=args.log_samples)

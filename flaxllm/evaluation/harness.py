@@ -36,9 +36,15 @@ hf backend (their own special-token defaults unless `add_bos_token` is given).
 Batching: requests are sorted by length and padded to a few fixed lengths (powers of two from
 16 up to `max_length`, and `max_length`) and to exactly `batch_size` rows, so one compiled
 function per length bucket serves a whole task (and any later task with the same settings).
+
+Sharding (`mesh='fsdp:8'`, `flaxllm eval --mesh=fsdp:8`): the params are restored straight into
+their shards under flaxllm's logical-axis rules (as in training), each batch's rows are split
+over the mesh's data axes and the model's activation constraints apply; the numbers equal the
+one-device backend's.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -58,6 +64,9 @@ from flaxllm import generate as generate_lib
 from flaxllm import models, rundir
 from flaxllm.data import tokenizer as tokenizer_lib
 from flaxllm.models.config import ModelConfig
+from flaxllm.parallel import axis_rules
+from flaxllm.parallel import mesh as mesh_lib
+from flaxllm.parallel import sharding
 
 log = logging.getLogger(__name__)
 
@@ -174,25 +183,44 @@ class FlaxLM(TemplateLM):
     dtype: the compute dtype ('' keeps the model's).
     step: a workdir's checkpoint step (default the newest).
     seed: the sampling seed of generate_until.
+    mesh: shard the model over a device mesh, for models too big for one device: a dict of
+      `config.mesh` sizes or 'fsdp:4,tensor:2' ('fsdp:4/tensor:2' inside lm-eval's model_args);
+      params are loaded straight into their shards under `rules`, rows are split over the
+      data axes (`batch_size` a multiple of them). Default: one device.
+    rules: the logical-axis rules' name or list (default: flaxllm's, or 'fsdp_tp' when the mesh
+      has a tensor axis).
   """
 
   def __init__(self, pretrained: Optional[str] = None, *, batch_size: Any = DEFAULT_BATCH_SIZE,
                max_length: Optional[int] = None, add_bos_token: Optional[bool] = None,
                dtype: str = '', step: Optional[int] = None, seed: int = 0,
                model_cfg: Optional[ModelConfig] = None, params: Any = None,
-               tokenizer: Any = None, max_batch_size: Any = None, device: Any = None,
-               **unused):
+               tokenizer: Any = None, mesh: Any = None, rules: Any = None,
+               max_batch_size: Any = None, device: Any = None, **unused):
     super().__init__()
     del max_batch_size, device   # lm-eval passes them to every backend; jax places the arrays
     if unused:
       log.warning('flaxllm backend: ignoring model_args %s', sorted(unused))
+    try:
+      self.batch_size = int(batch_size)
+    except (TypeError, ValueError):   # 'auto', 'auto:4': a fixed size keeps the shapes few
+      self.batch_size = DEFAULT_BATCH_SIZE
+    self.mesh = self.rules = None
+    if mesh:
+      self.mesh = mesh_lib.make_mesh(mesh_lib.parse_spec(mesh) if isinstance(mesh, str)
+                                     else mesh)
+      if rules is None and self.mesh.shape['tensor'] > 1:
+        rules = 'fsdp_tp'   # the rules that use a tensor axis
+      self.rules = axis_rules.get_rules(rules)
+      axis_rules.check_batch(self.batch_size, self.mesh, self.rules)
     if pretrained:
       source = rundir.model_source(str(pretrained), what='pretrained', dtype=dtype)
       model_cfg = source.model_cfg
       if tokenizer is None:
         tokenizer = load_tokenizer(source.path)
       _check_vocab(tokenizer, model_cfg, source.path)
-      params = rundir.load_params(source.path, what='pretrained', dtype=dtype,
+      params = rundir.load_params(source.path, self._abstract_params(model_cfg),
+                                  what='pretrained', dtype=dtype,
                                   step=None if step is None else int(step))
       self.pretrained = source.path
     elif model_cfg is None or params is None or tokenizer is None:
@@ -201,6 +229,9 @@ class FlaxLM(TemplateLM):
                                'and tokenizer.')
     else:
       _check_vocab(tokenizer, model_cfg, 'the given tokenizer')
+      if self.mesh is not None:
+        params = jax.device_put(params, jax.tree.map(lambda a: a.sharding,
+                                                     self._abstract_params(model_cfg)))
       self.pretrained = None
     if model_cfg.arch == 'encoder_decoder':
       raise rundir.RunDirError('the flaxllm lm-eval backend scores decoder-only models; '
@@ -214,14 +245,26 @@ class FlaxLM(TemplateLM):
     self.model = models.build(model_cfg)
     self.decode_model = generate_lib.decode_model(model_cfg)
     self._max_length = int(max_length) if max_length else int(model_cfg.max_seq_len)
-    try:
-      self.batch_size = int(batch_size)
-    except (TypeError, ValueError):   # 'auto', 'auto:4': a fixed size keeps the shapes few
-      self.batch_size = DEFAULT_BATCH_SIZE
     self.buckets = buckets(self._max_length)
     self.seed = int(seed)
     self._calls = 0
     self._truncation_logged = False
+
+  def _abstract_params(self, model_cfg: ModelConfig):
+    """Where the params go: their shards on the mesh, else the first device."""
+    shardings = (None if self.mesh is None else
+                 axis_rules.param_shardings(models.build(model_cfg), self.mesh, self.rules))
+    return rundir.abstract_params(model_cfg, shardings)
+
+  def _on_mesh(self):
+    """The mesh and rules for the model's activation constraints (nothing on one device)."""
+    return (contextlib.nullcontext() if self.mesh is None
+            else sharding.sharding_context(self.mesh, self.rules))
+
+  def _rows(self, array: np.ndarray) -> jax.Array:
+    """A [batch, ...] host array on the device(s): rows split over the mesh's data axes."""
+    return jnp.asarray(array) if self.mesh is None else jax.device_put(
+        array, axis_rules.batch_sharding(self.mesh, self.rules, array.ndim))
 
   # -- what TemplateLM needs
   @property
@@ -287,7 +330,10 @@ class FlaxLM(TemplateLM):
           inputs[r, :len(whole) - 1] = whole[:-1]
           targets[r, :len(whole) - 1] = whole[1:]
           mask[r, :len(whole) - 1] = True
-        logp, greedy = jax.device_get(_score(self.model, self.params, inputs, targets, mask))
+        with self._on_mesh():
+          scored = _score(self.model, self.params, self._rows(inputs), self._rows(targets),
+                          self._rows(mask))
+        logp, greedy = jax.device_get(scored)
         for r, i in enumerate(rows):
           whole, n = windows[i]
           end = len(whole) - 1
@@ -376,10 +422,11 @@ class FlaxLM(TemplateLM):
           tokens, mask = generate_lib.left_pad(batch, self.tokens.pad_id, length=length)
           rng = jax.random.fold_in(jax.random.key(self.seed), self._calls)
           self._calls += 1
-          out = generate_lib.generate_tokens(
-              self.decode_model, self.params, jnp.asarray(tokens), jnp.asarray(mask), rng,
-              max_new_tokens=max_gen_toks, stop_tokens=stop, pad_id=int(self.tokens.pad_id),
-              **sampling)
+          with self._on_mesh():
+            out = generate_lib.generate_tokens(
+                self.decode_model, self.params, self._rows(tokens), self._rows(mask), rng,
+                max_new_tokens=max_gen_toks, stop_tokens=stop, pad_id=int(self.tokens.pad_id),
+                **sampling)
           out_tokens, lengths = jax.device_get((out.tokens, out.lengths))
           for r, i in enumerate(rows):
             ids = out_tokens[r, :lengths[r]].tolist()

@@ -82,6 +82,20 @@ def _num_slices(devices) -> int:
   return 1 if None in idx else len(idx)
 
 
+def parse_spec(spec: str) -> dict[str, int]:
+  """'fsdp:4,tensor:2' (or 'fsdp:4/tensor:2', for lm-eval's comma-separated model_args) ->
+  {'fsdp': 4, 'tensor': 2}: the mesh of a command-line flag; MeshError in one sentence."""
+  sizes = {}
+  for item in filter(None, (s.strip() for s in spec.replace('/', ',').split(','))):
+    axis, _, size = item.partition(':')
+    if axis not in DEFAULT or not size.lstrip('-').isdigit():
+      raise MeshError(f'mesh {spec!r}: {item!r} is not AXIS:SIZE with AXIS one of '
+                      f'{", ".join(DEFAULT)}; write e.g. fsdp:4,tensor:2.')
+    sizes[axis] = int(size)
+  check_section(sizes)
+  return sizes
+
+
 def mesh_shape(mesh_cfg: Mapping[str, Any] | None, num_devices: int,
                num_slices: int | None = None) -> dict[str, int]:
   """Resolves -1 entries: {'data', 'fsdp', 'tensor', 'dcn_data', 'dcn_fsdp'} -> ints.

@@ -138,6 +138,9 @@ def _eval(argv) -> int:
   p.add_argument('--limit', type=_limit, default=None,
                  help='documents per task (a number, or a fraction below 1)')
   p.add_argument('--batch-size', type=int, default=None, help='rows per compiled call')
+  p.add_argument('--mesh', default=None, metavar='AXIS:N,...',
+                 help='shard the model over devices, e.g. fsdp:8 or fsdp:4,tensor:2 (default: '
+                      'one device)')
   p.add_argument('--include-path', action='append', default=[], metavar='DIR',
                  help="a folder of your own lm-eval task YAMLs (repeatable)")
   p.add_argument('--output', metavar='FILE', help="write lm-eval's results JSON here")
@@ -150,7 +153,8 @@ def _eval(argv) -> int:
     return command.run_tasks(args)
   harness_only = [flag for flag, value in (
       ('--model', args.model), ('--num-fewshot', args.num_fewshot), ('--limit', args.limit),
-      ('--batch-size', args.batch_size), ('--include-path', args.include_path),
+      ('--batch-size', args.batch_size), ('--mesh', args.mesh),
+      ('--include-path', args.include_path),
       ('--output', args.output), ('--log-samples', args.log_samples)) if value]
   if harness_only:
     raise ConfigError(f'{harness_only[0]} needs --tasks (without it flaxllm eval reports the '
