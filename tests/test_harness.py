@@ -340,3 +340,11 @@ def test_sharded_over_a_mesh_gives_the_same_numbers(hf_dir, lm):
 def test_a_bad_mesh_is_one_sentence(hf_dir, mesh, batch_size, message):
   with pytest.raises(ValueError, match=message):
     harness.FlaxLM(pretrained=hf_dir, batch_size=batch_size, mesh=mesh)
+
+
+def test_packing_puts_every_request_in_one_row_within_the_width():
+  lengths = [5, 16, 3, 9, 9, 1, 12, 4, 16, 7]
+  rows = harness.pack(lengths, 16)
+  assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+  assert all(sum(lengths[i] for i in row) <= 16 for row in rows)
+  assert len(rows) == -(-sum(lengths) // 16)    # best fit reaches the bound here: no row wasted

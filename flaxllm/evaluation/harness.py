@@ -33,9 +33,11 @@ BOS) prepends BOS to contexts; empty contexts and rolling windows use the prefix
 EOS) as the hf backend does, with no second BOS. Hugging Face tokenizers behave exactly as in the
 hf backend (their own special-token defaults unless `add_bos_token` is given).
 
-Batching: requests are sorted by length and padded to a few fixed lengths (powers of two from
-16 up to `max_length`, and `max_length`) and to exactly `batch_size` rows, so one compiled
-function per length bucket serves a whole task (and any later task with the same settings).
+Batching: log-likelihood requests are packed side by side into rows (best fit, longest first;
+segment ids keep them apart and positions restart at each), the rows as long as the longest
+request rounded up to a power of two from 16 (or `max_length`), `batch_size` rows per call: one
+compiled shape per task and almost no padding. Generation prompts are padded to those lengths
+by bucket, so a few compiled shapes serve a whole task.
 
 Sharding (`mesh='fsdp:8'`, `flaxllm eval --mesh=fsdp:8`): the params are restored straight into
 their shards under flaxllm's logical-axis rules (as in training), each batch's rows are split
@@ -44,6 +46,7 @@ one-device backend's.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import logging
@@ -146,13 +149,32 @@ def load_tokenizer(path: str, what: str = 'pretrained') -> Any:
 # ----------------------------------------------------------------------------- jitted parts
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def _score(model, params, inputs, targets, mask):
-  """Per position of right-padded rows: (log-prob of the target token, target == argmax)."""
-  positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-  logits = model.apply({'params': params}, inputs, positions, mask.astype(jnp.int32))
+def _score(model, params, inputs, targets, positions, segments):
+  """Per position of packed rows (requests side by side, apart by `segments`, 0 = padding):
+  (log-prob of the target token, target == argmax)."""
+  logits = model.apply({'params': params}, inputs, positions, segments)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   return target_logp, jnp.argmax(logits, axis=-1) == targets
+
+
+def pack(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+  """Best-fit-decreasing packing: rows of indices into `lengths` whose lengths sum to at most
+  `row_length` (each length at most `row_length`), longest first."""
+  rows: list[list[int]] = []
+  free: list[tuple[int, int]] = []   # (room left, row), sorted
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    at = bisect.bisect_left(free, (lengths[i], -1))
+    if at == len(free):
+      rows.append([i])
+      room, row = row_length - lengths[i], len(rows) - 1
+    else:
+      (room, row) = free.pop(at)
+      rows[row].append(i)
+      room -= lengths[i]
+    if room:
+      bisect.insort(free, (room, row))
+  return rows
 
 
 def buckets(max_length: int, smallest: int = MIN_BUCKET) -> list[int]:
@@ -314,35 +336,35 @@ class FlaxLM(TemplateLM):
       whole = whole[-(self._max_length + 1):]
       windows.append((whole, min(len(continuation), len(whole) - 1)))
     results: list[Optional[tuple[float, bool]]] = [None] * len(windows)
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
-    by_bucket: dict[int, list[int]] = {}
-    for i in order:
-      by_bucket.setdefault(_bucket(len(windows[i][0]) - 1, self.buckets), []).append(i)
+    lengths = [len(whole) - 1 for whole, _ in windows]      # scored positions per request
+    width = _bucket(max(lengths, default=1), self.buckets)  # one compiled shape per call
+    rows = pack(lengths, width)
     bar = tqdm(total=len(windows), disable=disable_tqdm, desc='flaxllm loglikelihood')
-    for length, members in sorted(by_bucket.items(), reverse=True):
-      for start in range(0, len(members), self.batch_size):
-        rows = members[start:start + self.batch_size]
-        inputs = np.zeros((self.batch_size, length), np.int32)
-        targets = np.zeros((self.batch_size, length), np.int32)
-        mask = np.zeros((self.batch_size, length), bool)
-        for r, i in enumerate(rows + [rows[0]] * (self.batch_size - len(rows))):
-          whole = windows[i][0]
-          inputs[r, :len(whole) - 1] = whole[:-1]
-          targets[r, :len(whole) - 1] = whole[1:]
-          mask[r, :len(whole) - 1] = True
-        with self._on_mesh():
-          scored = _score(self.model, self.params, self._rows(inputs), self._rows(targets),
-                          self._rows(mask))
-        logp, greedy = jax.device_get(scored)
-        for r, i in enumerate(rows):
-          whole, n = windows[i]
-          end = len(whole) - 1
-          answer = (float(logp[r, end - n:end].sum(dtype=np.float64)),
-                    bool(greedy[r, end - n:end].all()))
-          results[i] = answer
-          if requests[i][0] is not None:
-            self.cache_hook.add_partial('loglikelihood', requests[i][0], answer)
-        bar.update(len(rows))
+    for start in range(0, len(rows), self.batch_size):
+      batch = rows[start:start + self.batch_size]
+      inputs, targets, positions, segments = (
+          np.zeros((self.batch_size, width), np.int32) for _ in range(4))
+      spans = []   # (request, row, first position, end)
+      for r, members in enumerate(batch):
+        at = 0
+        for segment, i in enumerate(members, 1):
+          whole, n = windows[i][0], lengths[i]
+          inputs[r, at:at + n], targets[r, at:at + n] = whole[:-1], whole[1:]
+          positions[r, at:at + n], segments[r, at:at + n] = np.arange(n), segment
+          spans.append((i, r, at, at + n))
+          at += n
+      with self._on_mesh():
+        scored = _score(self.model, self.params, *map(self._rows, (inputs, targets, positions,
+                                                                   segments)))
+      logp, greedy = jax.device_get(scored)
+      for i, r, _, end in spans:
+        first = end - windows[i][1]
+        answer = (float(logp[r, first:end].sum(dtype=np.float64)),
+                  bool(greedy[r, first:end].all()))
+        results[i] = answer
+        if requests[i][0] is not None:
+          self.cache_hook.add_partial('loglikelihood', requests[i][0], answer)
+      bar.update(len(spans))
     bar.close()
     return results
 
