@@ -14,10 +14,14 @@ import pytest
 
 pytest.importorskip('lm_eval')
 
+from lm_eval.api.instance import Instance  # noqa: E402
+
 from flaxllm import config as config_lib  # noqa: E402
 from flaxllm import rundir  # noqa: E402
-from flaxllm.evaluation import in_training  # noqa: E402
+from flaxllm.data import corpus  # noqa: E402
+from flaxllm.evaluation import harness, in_training  # noqa: E402
 from flaxllm.train import main as main_lib  # noqa: E402
+from flaxllm.train import trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'default.py') + ':size=tiny'
@@ -107,3 +111,31 @@ def test_the_section_is_owned_by_evaluation_and_the_trainer_names_no_feature():
   source = open(os.path.join(REPO, 'flaxllm', 'train', 'trainer.py'), encoding='utf-8').read()
   for word in ('harness', 'lm_eval', 'eval_tasks'):
     assert word not in source, word
+
+
+def test_rolling_loglikelihood_is_minus_the_eval_loss_times_its_tokens(env, uninterrupted,
+                                                                       tmp_path):
+  """One held-out document: `flaxllm eval`'s loss on it (trainer.evaluate_checkpoint, rows of
+  BOS + text + EOS) times its token count equals minus the harness backend's rolling
+  log-likelihood of the text (BOS-prefixed windows) plus the EOS prediction."""
+  text = 'def f(x):\n    return x\n'
+  data = tmp_path / 'data'
+  data.mkdir()
+  names = [f'doc{i}.py' for i in range(100)]
+  held_out = next(n for n in names if corpus.split_of(n, 0.5) == 'validation')
+  (data / held_out).write_text(text)
+  (data / next(n for n in names if corpus.split_of(n, 0.5) == 'train')).write_text('x = 1\n' * 9)
+  workdir = str(env['root'] / 'whole')
+  config = main_lib.config_for(None, workdir, [
+      f'--config.data.path={data}', '--config.data.val_fraction=0.5',
+      '--config.data.packing=first_fit', f'--config.data.data_dir={tmp_path / "tfds"}'])
+  result = trainer.evaluate_checkpoint(config, workdir, batches=1)
+  lm = harness.FlaxLM(pretrained=workdir, batch_size=2)
+  request = Instance(request_type='loglikelihood_rolling', doc={}, arguments=(text,), idx=0)
+  rolling, = lm.loglikelihood_rolling([request], disable_tqdm=True)
+  ids = [lm.prefix_token_id] + lm.tok_encode(text, add_special_tokens=False)
+  (eos, _), = lm._loglikelihood_tokens([(None, ids, [lm.eot_token_id])])
+  per_document = len(ids)                 # every text token and the EOS are predicted
+  assert result['val_tokens'] % per_document == 0   # the document, once per row
+  assert -result['val_loss'] * per_document == pytest.approx(rolling + eos, rel=1e-5)
+

@@ -44,7 +44,7 @@ def copier_accuracy(shots: int) -> float:
 
 def code_in_shots(sample: dict) -> bool:
   context = sample['arguments'][0][0]
-  return any(line.startswith(f'{sample["doc"]["x"]} = ') for line in context.split('\n')[:-1])
+  return any(line[:-1] == sample['doc']['x'] for line in context.split('\n')[:-1])
 
 
 def evaluate_run(workdir: str) -> dict:

@@ -5,33 +5,34 @@ locally (no download).
 
 Training (`<out>/icl.jsonl` and `<out>/text.jsonl`, {'text': ...} records):
 - **Bursty mapping sequences**: each draws a *fresh* random mapping from a few codes (2 to 8 of
-  the 676 two-letter codes `aa`..`zz`) to digits, then lists ~17 pairs `xq = 7` of that mapping,
-  one per line, the codes drawn uniformly from the few (so each recurs: bursty, in the spirit
-  of Chan et al. 2022). A code's digit is unpredictable from anything but an earlier line of
-  the same sequence: the only way to lower the loss on it is to read the context.
+  the 52 letters `a`..`z`, `A`..`Z`) to digits, then lists ~40 pairs `q7` (code, then its
+  digit) of that mapping, one per line, the codes drawn uniformly from the few (so each recurs:
+  bursty, in the spirit of Chan et al. 2022). A code's digit is unpredictable from anything but
+  an earlier line of the same sequence: the only way to lower the loss on it is to read the
+  context. (A first version wrote `qx = 7` with two-letter codes; no model learned to match
+  the code across the ` = ` in 2,000 steps: experiments/icl/README.md.)
 - **Ordinary text**: the Python standard library's source, in chunks of at most 2,000 bytes.
 `icl.jsonl` mixes the two half and half by bytes; `text.jsonl` (the control) is the text alone.
 
 Evaluation (`experiments/icl/tasks/data/icl_map<i>.jsonl`, committed; the YAML next to them):
-each task is one fixed mapping of 4 codes to 4 distinct digits, never a training mapping (the
-seeds differ; the space holds 676^4 * 10^4 / 24 of them). Its `fewshot` split (16 rows per code)
-is what lm-eval draws the shots from, its `test` split (12 rows per code) is scored: the model
-sees k shots `xq = 7` of the task's mapping and then `xq =`, and picks a digit among ten by
+each task is one fixed mapping of 4 codes to 4 distinct digits (a training sequence shows the
+same 4 codes with the same digits with probability below 1e-9). Its `fewshot` split (16 rows
+per code) is what lm-eval draws the shots from, its `test` split (12 rows per code) is scored:
+the model sees k shots `q7` of the task's mapping and then `q`, and picks a digit among ten by
 log-likelihood. Without a shot of the same code, nothing beats chance (10%).
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import random
 import string
 import sysconfig
 
-CODES = [a + b for a, b in itertools.product(string.ascii_lowercase, repeat=2)]
+CODES = list(string.ascii_letters)
 DIGITS = list(string.digits)
-SEQUENCE_BYTES = 120          # ~17 pairs: a packed 128-token row holds one sequence
+SEQUENCE_BYTES = 120          # ~40 pairs: a packed 128-token row holds one sequence
 CHUNK_BYTES = 2000
 TEXT_BYTES = 3_000_000
 TASKS = 4                     # evaluation mappings (tasks icl_map0..3)
@@ -41,8 +42,8 @@ TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tasks')
 
 
 def pair(code: str, digit: str) -> str:
-  """One line of a mapping sequence; the tasks' YAML builds the same text ("{{x}} =", " ", y)."""
-  return f'{code} = {digit}'
+  """One line of a mapping sequence; the tasks' YAML builds the same text ("{{x}}", "", y)."""
+  return f'{code}{digit}'
 
 
 def mapping_sequence(rng: random.Random) -> str:
