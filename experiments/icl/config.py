@@ -8,10 +8,12 @@ lm-evaluation-harness with 0-16 shots of a mapping it never saw (`evaluate.py`).
     flaxllm train --config=experiments/icl/config.py:size=m --workdir=runs/icl/m
     flaxllm train --config=experiments/icl/config.py:size=l --workdir=runs/icl/l
     flaxllm train --config=experiments/icl/config.py:size=m,data=text --workdir=runs/icl/m_text
+    flaxllm train --config=experiments/icl/config.py:size=s,steps=8000 --workdir=runs/icl/s_8k
+    flaxllm train --config=experiments/icl/config.py:size=l,lr=0.001 --workdir=runs/icl/l_lr1e-3
     python experiments/icl/evaluate.py --runs runs/icl
 
 Variants: size=s|m|l (the model: SIZES), data=icl|text (the documents: mixed, or the text alone
-for the control), steps (default 2000), data_dir (default runs/icl).
+for the control), steps (default 2000), lr (default 3e-3), data_dir (default runs/icl).
 """
 import os
 
@@ -22,7 +24,7 @@ SIZES = {'s': (64, 2, 2, 192), 'm': (128, 4, 4, 384), 'l': (192, 6, 6, 576)}
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, size='m', data='icl', steps=2000, data_dir='runs/icl')
+  arg = parse_arg(arg, size='m', data='icl', steps=2000, lr=3e-3, data_dir='runs/icl')
   if arg.size not in SIZES or arg.data not in ('icl', 'text'):
     raise ValueError(f'unknown size={arg.size!r} or data={arg.data!r}; use size=s|m|l and '
                      'data=icl|text.')
@@ -40,7 +42,7 @@ def get_config(arg=None):
   config.seq_len = 128
   config.batch_size = 16
   config.total_steps = arg.steps
-  config.optim.lr = 3e-3
+  config.optim.lr = arg.lr
   config.schedule.warmup_steps = 50
   config.log_every = 25
   config.eval_every = 250

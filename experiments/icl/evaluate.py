@@ -19,6 +19,8 @@ import math
 import os
 import time
 
+os.environ.setdefault('TQDM_DISABLE', '1')   # lm-eval's and the backend's progress bars
+
 import jax
 import lm_eval
 import numpy as np
@@ -29,8 +31,9 @@ from flaxllm.evaluation import tasks as task_lib
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = os.path.join(HERE, 'tasks')
 SHOTS = (0, 1, 2, 4, 8, 16)
-RUNS = {'s': 'size s, bursty mix', 'm': 'size m, bursty mix', 'l': 'size l, bursty mix',
-        'm_text': 'size m, text only (control)'}
+RUNS = {'s': 'size s, bursty mix', 's_8k': 'size s, bursty mix, 8000 steps',
+        'm': 'size m, bursty mix', 'l': 'size l, bursty mix',
+        'l_lr1e-3': 'size l, bursty mix, lr 1e-3', 'm_text': 'size m, text only (control)'}
 CHOICES, POOL, POOL_PER_CODE = 10, 64, 16   # as make_data.py writes the tasks
 
 
