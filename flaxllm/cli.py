@@ -3,6 +3,7 @@
   flaxllm train     --config=configs/default.py --workdir=runs/default [--config.x.y=v ...]
   flaxllm eval      --workdir=runs/default [--step=N]
   flaxllm generate  --model=DIR --prompt="def " [--max-new-tokens=64 --temperature=0.8 ...]
+  flaxllm serve     --model=DIR [--adapter=DIR --port=8000 --slots=8 --api-key=KEY]  # OpenAI API
   flaxllm convert   --from-hf=DIR --to=DIR   |   --from=DIR --to-hf=DIR
   flaxllm compile   --config=SPEC [--devices=64 | --target=tpu:v5e:8x8] [--budget=16GiB]
   flaxllm sweep     --config=experiments/scaling/sweep.py --workdir=runs/scaling [--workers=2]
@@ -27,6 +28,7 @@ COMMANDS = {
     'train': ('flaxllm.train.main', 'train_main'),
     'eval': ('flaxllm.train.main', 'eval_main'),
     'generate': ('flaxllm.generate', 'generate_main'),
+    'serve': ('flaxllm.serve.command', 'serve_main'),
     'convert': ('flaxllm.interop.hf', 'convert_main'),
     'compile': ('flaxllm.train.compile', 'main'),
     'sweep': ('flaxllm.sweeps.main', 'sweep_main'),

@@ -58,7 +58,8 @@ from flaxllm import models, rundir
 from flaxllm.data import tokenizer as tokenizer_lib
 from flaxllm.models.config import ModelConfig
 
-__all__ = ['decode_model', 'init_cache', 'filter_logits', 'sample_logits', 'left_pad',
+__all__ = ['decode_model', 'init_cache', 'filter_logits', 'filter_logits_per_row',
+           'sample_logits', 'left_pad', 'prefill', 'decoder_logits',
            'right_pad', 'prompt_positions', 'generate_tokens', 'seq2seq_generate_tokens',
            'GenerateOutput', 'generate', 'generate_seq2seq', 'BeamSearchOutput',
            'beam_search_tokens', 'seq2seq_beam_search_tokens', 'beam_search',
@@ -137,15 +138,36 @@ def filter_logits(logits, temperature: float = 1.0, top_k: Optional[int] = None,
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, neg_inf, logits)
   if top_p is not None and top_p < 1.0:
-    sorted_logits = -jnp.sort(-logits, axis=-1)                      # descending
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p
-    keep = keep.at[..., 0].set(True)
-    num_kept = jnp.sum(keep, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
-    logits = jnp.where(logits < threshold, neg_inf, logits)
+    logits = _nucleus(logits, -jnp.sort(-logits, axis=-1), top_p)
   return logits
+
+
+def filter_logits_per_row(logits, temperature, top_k, top_p):
+  """`filter_logits` with its own settings in every row, as arrays (traced: one compilation
+  serves any mix): logits [rows, vocab]; temperature [rows] (> 0); top_k [rows] (0 keeps every
+  token); top_p [rows] (1 keeps every token)."""
+  logits = jnp.asarray(logits, jnp.float32) / temperature[:, None]
+  vocab = logits.shape[-1]
+  sorted_logits = -jnp.sort(-logits, axis=-1)                      # descending
+  k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+  kth = jnp.take_along_axis(sorted_logits, k[:, None] - 1, axis=-1)
+  neg_inf = jnp.array(-jnp.inf, logits.dtype)
+  logits = jnp.where(logits < kth, neg_inf, logits)
+  sorted_logits = jnp.where(sorted_logits < kth, neg_inf, sorted_logits)
+  top_p = top_p[:, None]
+  return jnp.where(top_p < 1.0, _nucleus(logits, sorted_logits, top_p), logits)
+
+
+def _nucleus(logits, sorted_logits, top_p):
+  """`logits` outside the top-p nucleus set to -inf; `sorted_logits` are them in descending
+  order (see `filter_logits`)."""
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = mass_before < top_p
+  keep = keep.at[..., 0].set(True)
+  num_kept = jnp.sum(keep, axis=-1, keepdims=True)
+  threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
+  return jnp.where(logits < threshold, jnp.array(-jnp.inf, logits.dtype), logits)
 
 
 def sample_logits(logits, rng, temperature: float = 0.0, top_k: Optional[int] = None,
@@ -294,22 +316,31 @@ def _last_logits(model: nn.Module, params, cache, *args, **kwargs):
   return logits[:, -1].astype(jnp.float32), mutated['cache']
 
 
-def _prefill(model: nn.Module, params, tokens, prompt_mask, max_new_tokens: int):
+def prefill(model: nn.Module, params, tokens, prompt_mask, max_new_tokens: int,
+            all_logits: bool = False):
   """The left padded prompt through a fresh Decoder cache of P + max_new_tokens slots:
-  (logits after the prompt [batch, vocab], cache, real prompt tokens per row [batch])."""
+  (float32 logits after the prompt [batch, vocab] (`all_logits`: after every position
+  [batch, P, vocab]), cache, real prompt tokens per row [batch])."""
   batch, prompt_len = tokens.shape
   positions, segment_ids = prompt_positions(prompt_mask)
   cache = init_cache(model, batch, prompt_len + max_new_tokens)
-  logits, cache = _last_logits(model, params, cache, tokens.astype(jnp.int32), positions,
-                               segment_ids)
-  return logits, cache, jnp.sum(segment_ids, axis=-1)
+  logits, mutated = model.apply({'params': params, 'cache': cache}, tokens.astype(jnp.int32),
+                                positions, segment_ids, mutable=['cache'])
+  logits = logits if all_logits else logits[:, -1]
+  return logits.astype(jnp.float32), mutated['cache'], jnp.sum(segment_ids, axis=-1)
+
+
+def decoder_logits(model: nn.Module, params, cache, tokens, positions):
+  """One token per row through a Decoder's cache: tokens and positions [rows] ->
+  (float32 logits [rows, vocab], new cache); the keys go to the cache's next slot."""
+  positions = positions[:, None]
+  return _last_logits(model, params, cache, tokens[:, None], positions, jnp.ones_like(positions))
 
 
 def _decoder_step(model: nn.Module, params, prompt_lengths) -> Callable:
   """The step function of a Decoder whose rows hold `prompt_lengths` [rows] prompt tokens."""
   def step(cache, last, t):
-    positions = (prompt_lengths + t - 1)[:, None]
-    return _last_logits(model, params, cache, last[:, None], positions, jnp.ones_like(positions))
+    return decoder_logits(model, params, cache, last, prompt_lengths + t - 1)
   return step
 
 
@@ -405,7 +436,7 @@ def generate_tokens(model: nn.Module, params, tokens, prompt_mask, rng=None, *,
   greedy). The cache (length P + max_new_tokens) is created, filled and discarded inside.
   """
   _check_settings(model, seq2seq=False, max_new_tokens=max_new_tokens)
-  logits, cache, prompt_lengths = _prefill(model, params, tokens, prompt_mask, max_new_tokens)
+  logits, cache, prompt_lengths = prefill(model, params, tokens, prompt_mask, max_new_tokens)
   return _sample_loop(
       _decoder_step(model, params, prompt_lengths), cache, logits,
       jax.random.key(0) if rng is None else rng, max_new_tokens=max_new_tokens,
@@ -599,7 +630,7 @@ def beam_search_tokens(model: nn.Module, params, tokens, prompt_mask, length_pen
   The cache holds batch * num_beams rows of P + max_new_tokens slots.
   """
   _check_settings(model, seq2seq=False, max_new_tokens=max_new_tokens, num_beams=num_beams)
-  logits, cache, prompt_lengths = _prefill(model, params, tokens, prompt_mask, max_new_tokens)
+  logits, cache, prompt_lengths = prefill(model, params, tokens, prompt_mask, max_new_tokens)
   step = _decoder_step(model, params, jnp.repeat(prompt_lengths, num_beams))
   return _beam_loop(step, cache, logits, length_penalty, num_beams=num_beams,
                     max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, pad_id=pad_id,

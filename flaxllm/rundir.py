@@ -327,6 +327,28 @@ def load_tokenizer(path: str, stem: str = TOKENIZER) -> Optional[tokenizer_lib.T
   return None
 
 
+HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json')
+
+
+def load_model_tokenizer(path: str, what: str = '--model') -> Any:
+  """The tokenizer stored in the model directory or workdir `path`: flaxllm's (sentencepiece
+  or bytes, see `load_tokenizer`) or a Hugging Face one (tokenizer.json / tokenizer_config.json,
+  loaded with `transformers.AutoTokenizer`); RunDirError naming `what` if there is none."""
+  tok = load_tokenizer(path)
+  if tok is not None:
+    return tok
+  if any(os.path.exists(os.path.join(path, f)) for f in HF_TOKENIZER_FILES):
+    import transformers  # pylint: disable=import-outside-toplevel -- heavy, only for HF tokenizers
+    try:
+      return transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+      raise RunDirError(f'{what}={path!r} holds a Hugging Face tokenizer that cannot be loaded '
+                        f'({str(e).splitlines()[0]}); restore its tokenizer files.') from None
+  raise RunDirError(f'{what}={path!r} holds no tokenizer (tokenizer.model, a flaxllm '
+                    'tokenizer.json or a Hugging Face tokenizer.json); copy the tokenizer the '
+                    'model was trained with into it.')
+
+
 def _tokenizer_info_kind(path: str, stem: str = TOKENIZER) -> Optional[str]:
   info = os.path.join(path, f'{stem}.json')
   if not os.path.exists(info):

@@ -24,6 +24,7 @@ LAYERS = {
     'flaxllm.train.reward_cmd': 5, 'flaxllm.train.reference_logps': 5,
     'flaxllm.sweeps': 5, 'flaxllm.cli': 5, 'flaxllm.evaluation': 5,
     'flaxllm.evaluation.in_training': 5, 'flaxllm.evaluation.command': 5,
+    'flaxllm.serve': 5,
 }
 
 
