@@ -6,7 +6,8 @@
 Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`.
 Both completion routes take `model`, `max_tokens` (chat also `max_completion_tokens`),
 `temperature`, `top_p`, `top_k` (an extension; 0 or -1 keeps every token), `n`, `stop`,
-`seed`, `stream`, `stream_options.include_usage`; completions take `prompt` (a string, a list
+`seed`, `stream`, `stream_options.include_usage`, `ignore_eos` (an extension, as vLLM's: go on
+after EOS); completions take `prompt` (a string, a list
 of strings, token ids, or a list of token id lists), `echo`, `logprobs` (0-5 alternatives) and
 `truncate_prompt_tokens` (an extension: keep the prompt's last k tokens); chat takes `messages`,
 `logprobs` (true/false) and `top_logprobs` (0-5). Other OpenAI fields are accepted and ignored.
@@ -118,6 +119,7 @@ class _Options:
     self.seed = _field(body, 'seed', int)
     self.stop = _stop(body)
     self.stream = _field(body, 'stream', bool, False)
+    self.ignore_eos = _field(body, 'ignore_eos', bool, False)
     stream_options = _field(body, 'stream_options', dict, {})
     self.include_usage = bool(self.stream and _field(stream_options, 'include_usage', bool,
                                                      False))
@@ -135,7 +137,7 @@ class _Options:
                      'context_length_exceeded' if 'context length' in problem else None)
     return Sampling(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
                     top_p=self.top_p, seed=self.seed, stop=self.stop, logprobs=logprobs,
-                    prompt_logprobs=prompt_logprobs)
+                    prompt_logprobs=prompt_logprobs, ignore_eos=self.ignore_eos)
 
 
 def _prompts(body: dict, engine: Engine) -> tuple[list[list[int]], list[str]]:

@@ -70,7 +70,8 @@ class Sampling:
   """How one request samples. temperature 0 is greedy; top_k 0 and top_p 1 keep every token;
   seed None draws a fresh one; `stop`: strings that end the text (not included in it);
   `logprobs`: send each token's log-prob and its top `logprobs` alternatives (None: none);
-  `prompt_logprobs`: the same for the prompt's tokens (`echo`; needs `logprobs`)."""
+  `prompt_logprobs`: the same for the prompt's tokens (`echo`; needs `logprobs`);
+  `ignore_eos`: go on after the tokenizer's EOS (benchmarks)."""
   max_tokens: int
   temperature: float = 0.0
   top_k: int = 0
@@ -79,6 +80,7 @@ class Sampling:
   stop: tuple[str, ...] = ()
   logprobs: Optional[int] = None
   prompt_logprobs: bool = False
+  ignore_eos: bool = False
 
 
 @dataclasses.dataclass
@@ -411,7 +413,7 @@ class Engine:
     sampling = choice.request.sampling
     choice.generated += 1
     finish = None
-    if token in self.tokens.stop_ids:
+    if token in self.tokens.stop_ids and not sampling.ignore_eos:
       finish = 'stop'
     else:
       choice.ids.append(token)
