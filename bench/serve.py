@@ -183,7 +183,7 @@ def main(argv=None):
   p.add_argument('--clients', default='1,4,8,16')
   p.add_argument('--rounds', type=int, default=3)
   p.add_argument('--concurrency-tokens', type=int, default=64)
-  p.add_argument('--load-requests', type=int, default=600)
+  p.add_argument('--load-requests', type=int, default=2500)
   p.add_argument('--slots', type=int, default=8)
   p.add_argument('--out', default=os.path.join(RESULTS, 'serve_cpu'))
   args = p.parse_args(argv)

@@ -130,6 +130,17 @@ def test_token_id_prompts_and_several_prompts(server, client):
   assert out.usage.prompt_tokens == sum(map(len, prompts))
 
 
+def test_long_prompts_are_truncated_only_when_asked(server, client):
+  engine, _ = server
+  prompt = 'abcdefghij' * 7     # 71 tokens with BOS: longer than the context
+  with pytest.raises(openai.BadRequestError, match='maximum context length'):
+    client.completions.create(model=NAME, prompt=prompt, max_tokens=4)
+  out = client.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0,
+                                  extra_body={'truncate_prompt_tokens': 20})
+  assert out.usage.prompt_tokens == 20
+  assert out.choices[0].text == _reference(engine, _prompt_ids(prompt)[-20:], 4)[1]
+
+
 def test_chat_streamed_and_not(server, client):
   engine, _ = server
   messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi!'}]
@@ -312,6 +323,8 @@ def test_api_keys_unknown_routes_and_a_full_queue(server, client):
   too_long = client.chat.completions.with_raw_response
   with pytest.raises(openai.BadRequestError, match='maximum context length'):
     too_long.create(model=NAME, messages=[{'role': 'user', 'content': 'y' * MAX_LEN}])
+  r = _post(base, '/completions', None, raw=b' ' * (api.MAX_BODY + 1))
+  assert r.status_code == 413 and r.json()['error']['code'] == 'request_too_large'
   engine.max_waiting = 0
   try:
     r = _post(base, '/completions', {'model': NAME, 'prompt': 'x'})

@@ -345,9 +345,12 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None,
     if not isinstance(body, dict):
       raise ApiError(400, 'The request body must be a JSON object.', code='invalid_json')
     model = body.get('model')
+    if model is None:
+      raise ApiError(400, f'model is missing; this server serves {model_name!r}.', 'model',
+                     'model_not_found')
     if model != model_name:
-      raise ApiError(404 if model else 400, f'The model {model!r} does not exist here; this '
-                     f'server serves {model_name!r}.', 'model', 'model_not_found')
+      raise ApiError(404, f'The model {model!r} does not exist here; this server serves '
+                     f'{model_name!r}.', 'model', 'model_not_found')
     return body
 
   @app.get('/health')
