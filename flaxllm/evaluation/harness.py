@@ -50,7 +50,6 @@ import bisect
 import contextlib
 import functools
 import logging
-import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -76,7 +75,6 @@ log = logging.getLogger(__name__)
 MIN_BUCKET = 16
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256   # as lm-eval's hf backend
-HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json')
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -125,25 +123,6 @@ class _Tokens:
         return ''    # flaxllm tokenizers have no text for EOS
       return self.tok.decode(ids)
     return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-def load_tokenizer(path: str, what: str = 'pretrained') -> Any:
-  """The tokenizer stored in the model directory `path`: flaxllm's (sentencepiece or bytes) or a
-  Hugging Face tokenizer (tokenizer.json / tokenizer_config.json); RunDirError if none."""
-  tok = rundir.load_tokenizer(path)
-  if tok is not None:
-    return tok
-  if any(os.path.exists(os.path.join(path, f)) for f in HF_TOKENIZER_FILES):
-    import transformers  # pylint: disable=import-outside-toplevel -- heavy, only for HF tokenizers
-    try:
-      return transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-      raise rundir.RunDirError(f'{what}={path!r} holds a Hugging Face tokenizer that cannot be '
-                               f'loaded ({str(e).splitlines()[0]}); restore its tokenizer '
-                               'files.') from None
-  raise rundir.RunDirError(f'{what}={path!r} holds no tokenizer (tokenizer.model, a flaxllm '
-                           'tokenizer.json or a Hugging Face tokenizer.json); copy the tokenizer '
-                           'the model was trained with into it.')
 
 
 # ----------------------------------------------------------------------------- jitted parts
@@ -239,7 +218,7 @@ class FlaxLM(TemplateLM):
       source = rundir.model_source(str(pretrained), what='pretrained', dtype=dtype)
       model_cfg = source.model_cfg
       if tokenizer is None:
-        tokenizer = load_tokenizer(source.path)
+        tokenizer = rundir.load_model_tokenizer(source.path, what='pretrained')
       _check_vocab(tokenizer, model_cfg, source.path)
       params = rundir.load_params(source.path, self._abstract_params(model_cfg),
                                   what='pretrained', dtype=dtype,
