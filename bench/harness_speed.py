@@ -6,7 +6,7 @@ next to lm-eval's own `hf` backend (`lm_eval.models.huggingface.HFLM`), same mod
 
 Model: a random-init `transformers.LlamaConfig` (default init) of 4 layers, hidden 256, 4 heads,
 SwiGLU 688, max_position_embeddings 512, vocabulary 258 (a byte-level tokenizer.json: <s>, </s>
-and one token per byte, built as in tests/test_harness.py), float32, saved with
+and one token per byte: `flaxllm.interop.hf.byte_level_tokenizer`), float32, saved with
 `save_pretrained` into a temporary directory; both backends load that directory
 (`FlaxLM(pretrained=DIR, batch_size=B)`, `HFLM(pretrained=DIR, device='cpu', dtype='float32',
 batch_size=B)`).
@@ -40,23 +40,13 @@ import time
 TASK = 'flaxllm_stdlib_docname'
 
 
-def _byte_tokenizer(tokenizers, transformers):
-  alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  vocab = {'<s>': 0, '</s>': 1, **{ch: i + 2 for i, ch in enumerate(alphabet)}}
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                          use_regex=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  tok.add_special_tokens(['<s>', '</s>'])
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>',
-                                              eos_token='</s>'), len(vocab)
-
-
 def build_model_dir(path: str) -> dict:
-  import tokenizers
   import torch
   import transformers
-  tok, n_vocab = _byte_tokenizer(tokenizers, transformers)
+
+  from flaxllm.interop import hf
+  tok = hf.byte_level_tokenizer()
+  n_vocab = len(tok)
   torch.manual_seed(0)
   config = transformers.LlamaConfig(
       vocab_size=n_vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4,

@@ -45,9 +45,10 @@ PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 def build_model(path: str, args):
   """A random-init LlamaForCausalLM and a byte-level tokenizer saved in `path`."""
-  import tokenizers
   import torch
   import transformers
+
+  from flaxllm.interop import hf
   torch.manual_seed(0)
   config = transformers.LlamaConfig(
       vocab_size=264, hidden_size=args.d_model, intermediate_size=args.d_model * 8 // 3 // 8 * 8,
@@ -56,15 +57,7 @@ def build_model(path: str, args):
       bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
   model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
   model.save_pretrained(path)
-  alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  vocab = {'<s>': 0, '</s>': 1, **{ch: i + 2 for i, ch in enumerate(alphabet)}}
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                          use_regex=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  tok.add_special_tokens(['<s>', '</s>'])
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>',
-                                              eos_token='</s>')
+  fast = hf.byte_level_tokenizer()
   fast.save_pretrained(path)
   return model, fast
 

@@ -23,25 +23,11 @@ from flaxllm import generate as G  # noqa: E402
 from flaxllm import models as M  # noqa: E402
 from flaxllm import rundir  # noqa: E402
 from flaxllm.evaluation import harness  # noqa: E402
-from flaxllm.interop import native  # noqa: E402
+from flaxllm.interop import hf, native  # noqa: E402
 
 MAX_LEN = 48       # short, so rolling windows and left truncation happen on short texts
 TOL = 1e-4
 TEXT = 'def add(a, b):\n    return a + b\n\nprint(add(1, 2))  # three, of course\n' * 2
-
-
-def _byte_tokenizer():
-  """A Hugging Face byte-level tokenizer: <s> = 0, </s> = 1, then one token per byte (the
-  ByteLevel alphabet, no merges), so every split of a text is a split of its tokens."""
-  alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  vocab = {'<s>': 0, '</s>': 1, **{ch: i + 2 for i, ch in enumerate(alphabet)}}
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                          use_regex=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  tok.add_special_tokens(['<s>', '</s>'])
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>',
-                                              eos_token='</s>')
 
 
 @pytest.fixture(scope='module')
@@ -58,7 +44,7 @@ def hf_dir(tmp_path_factory):
       if not name.endswith('norm.weight'):
         p.copy_(0.3 * torch.randn_like(p))
   model.save_pretrained(path)
-  _byte_tokenizer().save_pretrained(path)
+  hf.byte_level_tokenizer().save_pretrained(path)
   return str(path)
 
 
@@ -256,16 +242,18 @@ def _write_task(tmp_path):
   return TaskManager(include_path=str(tmp_path), include_defaults=False)
 
 
+def task_scores(model, tasks) -> tuple[float, list]:
+  """(accuracy, per-document choice log-likelihoods) of `model` on the local task."""
+  out = lm_eval.simple_evaluate(model=model, tasks=['tiny_sums'], task_manager=tasks,
+                                log_samples=True, verbosity='ERROR')
+  samples = out['samples']['tiny_sums']
+  return (out['results']['tiny_sums']['acc,none'],
+          [[r[0] for r in s['filtered_resps']] for s in samples])
+
+
 def test_same_accuracy_as_the_hf_backend_on_a_local_task(lm, hf_lm, tmp_path):
   tasks = _write_task(tmp_path)
-  scores = []
-  for model in (lm, hf_lm):
-    out = lm_eval.simple_evaluate(model=model, tasks=['tiny_sums'], task_manager=tasks,
-                                  log_samples=True, verbosity='ERROR')
-    samples = out['samples']['tiny_sums']
-    scores.append((out['results']['tiny_sums']['acc,none'],
-                   [[r[0] for r in s['filtered_resps']] for s in samples]))
-  (acc, lls), (hf_acc, hf_lls) = scores
+  (acc, lls), (hf_acc, hf_lls) = task_scores(lm, tasks), task_scores(hf_lm, tasks)
   assert acc == hf_acc
   np.testing.assert_allclose(np.asarray(lls, float), np.asarray(hf_lls, float), atol=TOL)
 

@@ -12,7 +12,7 @@ import pytest
 lm_eval = pytest.importorskip('lm_eval')
 pytest.importorskip('openai')
 
-from test_harness import MAX_LEN, TOL, _req, _write_task, hf_dir, lm  # noqa: E402,F401
+from test_harness import MAX_LEN, TOL, _req, _write_task, hf_dir, lm, task_scores  # noqa: E402,F401
 
 from flaxllm.serve import api, command  # noqa: E402
 
@@ -38,14 +38,7 @@ def served(hf_dir):  # noqa: F811 -- the fixture imported above
 
 def test_same_accuracy_and_loglikelihoods_as_the_flaxllm_backend(lm, served, tmp_path):  # noqa: F811
   tasks = _write_task(tmp_path)
-  scores = []
-  for model in (lm, served):
-    out = lm_eval.simple_evaluate(model=model, tasks=['tiny_sums'], task_manager=tasks,
-                                  log_samples=True, verbosity='ERROR')
-    samples = out['samples']['tiny_sums']
-    scores.append((out['results']['tiny_sums']['acc,none'],
-                   [[r[0] for r in s['filtered_resps']] for s in samples]))
-  (acc, lls), (served_acc, served_lls) = scores
+  (acc, lls), (served_acc, served_lls) = task_scores(lm, tasks), task_scores(served, tasks)
   assert served_acc == acc
   np.testing.assert_allclose(np.asarray(served_lls, float), np.asarray(lls, float), atol=TOL)
 

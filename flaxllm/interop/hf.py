@@ -830,6 +830,24 @@ def is_hf_export(path: str) -> bool:
 
 # ============================================================================ native + CLI
 
+def byte_level_tokenizer():
+  """A Hugging Face byte-level tokenizer without merges: <s> = 0, </s> = 1, then one token per
+  byte (the ByteLevel alphabet, 258 in all), so every split of a text is a split of its
+  tokens. For random-init Hugging Face models built locally (tests, benchmarks): nothing is
+  downloaded. Its ids are not those of flaxllm's own bytes tokenizer."""
+  import tokenizers  # pylint: disable=import-outside-toplevel -- heavy, optional: HF tools only
+  import transformers  # pylint: disable=import-outside-toplevel -- heavy, optional: HF tools only
+  alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  vocab = {'<s>': 0, '</s>': 1, **{ch: i + 2 for i, ch in enumerate(alphabet)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                          use_regex=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.add_special_tokens(['<s>', '</s>'])
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>',
+                                              eos_token='</s>')
+
+
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:
   """`flaxllm convert`: Hugging Face <-> flaxllm checkpoint directories.
 
