@@ -58,7 +58,7 @@ from flaxllm import models, rundir
 from flaxllm.data import tokenizer as tokenizer_lib
 from flaxllm.models.config import ModelConfig
 
-__all__ = ['decode_model', 'init_cache', 'filter_logits', 'filter_logits_per_row',
+__all__ = ['decode_model', 'init_cache', 'cache_slot_axis', 'filter_logits', 'filter_logits_per_row',
            'sample_logits', 'left_pad', 'prefill', 'decoder_logits',
            'right_pad', 'prompt_positions', 'generate_tokens', 'seq2seq_generate_tokens',
            'GenerateOutput', 'generate', 'generate_seq2seq', 'BeamSearchOutput',
@@ -101,9 +101,20 @@ def cache_shapes(model: nn.Module, batch: int, max_len: int):
 
 def init_cache(model: Any, batch: int, max_len: int):
   """An empty KV cache (all zeros: index 0, every slot segment 0) for `batch` rows and
-  `max_len` slots. Leaves: `.../attn/{key,value}` [batch, max_len, kv_heads, head_dim],
-  `segment_ids` [batch, max_len], `index` [] (with scan_layers a leading layers axis on all)."""
+  `max_len` slots. Leaves: `.../attn/{key,value}` [batch, kv_heads, max_len, head_dim]
+  (heads-major), `segment_ids` [batch, max_len], `index` [] (with scan_layers a leading layers
+  axis on all)."""
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(model, batch, max_len))
+
+
+def cache_slot_axis(path, scan_layers: bool) -> Optional[int]:
+  """The slot (length) axis of the cache leaf at `path` (a `tree_map_with_path` path; see
+  `init_cache`): 2 for key and value, 1 for segment_ids, None for the shared write index; one
+  more with scan_layers."""
+  name = getattr(path[-1], 'key', None)
+  if name == 'index':
+    return None
+  return (2 if name in ('key', 'value') else 1) + int(scan_layers)
 
 
 def _take_cache_rows(cache, rows, scan_layers: bool):

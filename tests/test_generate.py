@@ -130,11 +130,11 @@ def test_init_cache_shapes():
   cfg = models.presets.get('tiny_llama')
   cache = G.init_cache(cfg, 3, 20)
   leaf = cache['decoder']['layers_0']['attn']
-  assert leaf['key'].shape == (3, 20, cfg.kv_heads, cfg.dim_per_head)
-  assert leaf['value'].shape == (3, 20, cfg.kv_heads, cfg.dim_per_head)
+  assert leaf['key'].shape == (3, cfg.kv_heads, 20, cfg.dim_per_head)   # heads-major
+  assert leaf['value'].shape == (3, cfg.kv_heads, 20, cfg.dim_per_head)
   assert leaf['segment_ids'].shape == (3, 20) and int(leaf['index']) == 0
   scanned = G.init_cache(cfg.replace(scan_layers=True), 3, 20)['decoder']['layers']['attn']
-  assert scanned['key'].shape == (cfg.num_layers, 3, 20, cfg.kv_heads, cfg.dim_per_head)
+  assert scanned['key'].shape == (cfg.num_layers, 3, cfg.kv_heads, 20, cfg.dim_per_head)
   assert scanned['index'].shape == (cfg.num_layers,)
   assert all(float(jnp.abs(x).sum()) == 0 for x in jax.tree.leaves(cache))
 

@@ -235,6 +235,43 @@ def test_decode_matches_reference(backend, seq_q, groups, cache, window, segment
                                rtol=TOL[dtype], err_msg=f'offset={offset}')
 
 
+@pytest.mark.parametrize('backend,seq_q,groups,window,segments', [
+    ('gpu', 1, 4, None, True), ('tpu', 3, 2, 24, False)])
+def test_heads_major_cache_is_read_in_place(backend, seq_q, groups, window, segments):
+  """A [batch, kv_heads, seq_kv, head_dim] cache (generate's layout) gives what the
+  [batch, seq_kv, kv_heads, head_dim] one gives, through the decode kernels and the reference,
+  with no transpose or copy of the cache in the compiled XLA path (the seq-major layout has
+  one at every step)."""
+  cache = 48
+  q, k, v, _ = make_inputs(cache + seq_q, batch=2, seq_q=seq_q, seq_kv=cache, heads=2 * groups,
+                           kv_heads=2, head_dim=64, dtype=jnp.float32)
+  kh, vh = k.swapaxes(1, 2), v.swapaxes(1, 2)
+  q_seg = kv_seg = None
+  if segments:
+    kv_seg = jnp.ones((2, cache), jnp.int32).at[1, :5].set(0)
+    q_seg = jnp.ones((2, seq_q), jnp.int32)
+  mask = dict(q_segment_ids=q_seg, kv_segment_ids=kv_seg, window=window)
+  for offset in (0, cache - seq_q):
+    want = reference_attention(q, k, v, causal=True, q_offset=offset, **mask)
+    got = reference_attention(q, kh, vh, causal=True, q_offset=offset, heads_major_kv=True,
+                              **mask)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    got = run(lambda q, k, v, o: decode_attention(q, k, v, q_offset=o, block_k=16, num_splits=2,
+                                                  backend=backend, heads_major_kv=True, **mask),
+              q, kh, vh, jnp.int32(offset))
+    np.testing.assert_allclose(got, want, atol=TOL[jnp.float32], rtol=TOL[jnp.float32])
+
+  def cache_copies(k, v, heads_major_kv):   # transposes / copies of a whole cache, compiled
+    step = jax.jit(lambda q, k, v, o: kernels.attention(
+        q, k, v, causal=True, q_offset=o, impl='xla', heads_major_kv=heads_major_kv, **mask))
+    hlo = step.lower(q, k, v, jnp.int32(0)).compile().as_text()
+    return [line for line in hlo.splitlines()
+            if line.split(' = ', 1)[-1].startswith('f32[2,2,48,64]')
+            and ('transpose(' in line or ' copy(' in line)]
+  assert cache_copies(k, v, False)            # the other layout moves the cache every step
+  assert not cache_copies(kh, vh, True)
+
+
 # -------------------------------------------------------------------------- dispatcher
 
 def test_dispatcher_routes_and_matches_reference():

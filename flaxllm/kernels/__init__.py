@@ -30,18 +30,20 @@ def _static_offset(q_offset):
   return isinstance(q_offset, (int, np.integer))
 
 
-def _pallas_fits(q, k, q_offset):
+def _pallas_fits(q, k, q_offset, heads_major_kv):
   """Whether 'auto' should take the Pallas kernels on this accelerator and shape."""
   if q.dtype not in SUPPORTED_DTYPES or not q.dtype == k.dtype or q.shape[-1] > 256:
     return False
   if not _static_offset(q_offset):  # decoding against a cache
-    # On TPU the decode kernel reads the cache in place only when head_dim % 128 == 0.
-    return jax.default_backend() != 'tpu' or q.shape[-1] % 128 == 0
-  return k.shape[1] >= _MIN_PALLAS_SEQ
+    # On TPU the decode kernel reads a [b, s, kv_heads, d] cache in place only when
+    # head_dim % 128 == 0; a heads-major cache always.
+    return jax.default_backend() != 'tpu' or heads_major_kv or q.shape[-1] % 128 == 0
+  return k.shape[2 if heads_major_kv else 1] >= _MIN_PALLAS_SEQ
 
 
-def _auto_impl(q, k, q_offset):
-  if jax.default_backend() in ('gpu', 'cuda', 'rocm', 'tpu') and _pallas_fits(q, k, q_offset):
+def _auto_impl(q, k, q_offset, heads_major_kv):
+  if (jax.default_backend() in ('gpu', 'cuda', 'rocm', 'tpu')
+      and _pallas_fits(q, k, q_offset, heads_major_kv)):
     return 'pallas'
   return 'xla'
 
@@ -66,11 +68,13 @@ def cudnn_arguments(*, causal, q_segment_ids, kv_segment_ids, q_offset, window, 
 
 
 def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
-              window=None, softcap=None, sm_scale=None, impl='auto'):
+              window=None, softcap=None, sm_scale=None, impl='auto', heads_major_kv=False):
   """Dispatches attention to an implementation ('auto' | 'xla' | 'cudnn' | 'pallas').
 
-  q [batch, seq_q, heads, head_dim]; k, v [batch, seq_kv, kv_heads, head_dim].
-  See `flaxllm.kernels.reference` for the masking convention.
+  q [batch, seq_q, heads, head_dim]; k, v [batch, seq_kv, kv_heads, head_dim], or with
+  `heads_major_kv` [batch, kv_heads, seq_kv, head_dim] (the KV cache's layout: 'xla' and the
+  decode kernel read it in place, with no per-step transpose; 'cudnn' and `flash_attention`
+  get a transposed copy). See `flaxllm.kernels.reference` for the masking convention.
 
   'xla': `reference_attention`. 'cudnn': `jax.nn.dot_product_attention(implementation=
   'cudnn')`, for masks it can express (no soft-cap, segment ids or q_offset). 'pallas':
@@ -82,11 +86,14 @@ def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
   if impl not in IMPLS:
     raise ValueError(f'attention impl must be one of {IMPLS}, got {impl!r}.')
   if impl == 'auto':
-    impl = _auto_impl(q, k, q_offset)
+    impl = _auto_impl(q, k, q_offset, heads_major_kv)
   if impl == 'xla':
     return reference_attention(q, k, v, causal=causal, q_segment_ids=q_segment_ids,
                                kv_segment_ids=kv_segment_ids, q_offset=q_offset,
-                               window=window, softcap=softcap, sm_scale=sm_scale)
+                               window=window, softcap=softcap, sm_scale=sm_scale,
+                               heads_major_kv=heads_major_kv)
+  if heads_major_kv and (impl == 'cudnn' or _static_offset(q_offset)):
+    k, v, heads_major_kv = k.swapaxes(1, 2), v.swapaxes(1, 2), False
   if impl == 'cudnn':
     kwargs = cudnn_arguments(causal=causal, q_segment_ids=q_segment_ids,
                              kv_segment_ids=kv_segment_ids, q_offset=q_offset, window=window,
@@ -102,9 +109,9 @@ def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
   def kernel(q, k, v, q_seg, kv_seg, offset):
     return decode_attention(q, k, v, q_offset=offset, causal=causal, q_segment_ids=q_seg,
                             kv_segment_ids=kv_seg, window=window, softcap=softcap,
-                            sm_scale=sm_scale)
+                            sm_scale=sm_scale, heads_major_kv=heads_major_kv)
   return _per_shard(kernel, q, k, v, q_segment_ids, kv_segment_ids,
-                    jnp.asarray(q_offset, jnp.int32))
+                    jnp.asarray(q_offset, jnp.int32), heads_major_kv=heads_major_kv)
 
 
 def _mesh_axes(name, size, mesh):
@@ -116,7 +123,7 @@ def _mesh_axes(name, size, mesh):
   return axes if size % shards == 0 else None
 
 
-def _per_shard(kernel, q, k, v, q_seg, kv_seg, *scalars):
+def _per_shard(kernel, q, k, v, q_seg, kv_seg, *scalars, heads_major_kv=False):
   """kernel(q, k, v, q_seg, kv_seg, *scalars), run per shard under a multi-device mesh.
 
   XLA cannot partition a Pallas call, so under `jax.set_mesh` the kernel runs in a
@@ -130,12 +137,16 @@ def _per_shard(kernel, q, k, v, q_seg, kv_seg, *scalars):
     raise ValueError("impl='pallas' does not support sequence-sharded activations; "
                      "map the logical axis 'length' to no mesh axis.")
   batch = _mesh_axes('batch', q.shape[0], mesh)
-  q_spec = P(batch, None, _mesh_axes('heads', q.shape[2], mesh), None)
-  kv_spec = P(batch, None, _mesh_axes('kv_heads', k.shape[2], mesh), None)
-  if (q_spec[2] is None) != (kv_spec[2] is None):  # keep each query head with its kv head
-    q_spec, kv_spec = P(batch, None, None, None), P(batch, None, None, None)
+  kv_heads_axis = 1 if heads_major_kv else 2
+  q_heads = _mesh_axes('heads', q.shape[2], mesh)
+  kv_heads = _mesh_axes('kv_heads', k.shape[kv_heads_axis], mesh)
+  if (q_heads is None) != (kv_heads is None):  # keep each query head with its kv head
+    q_heads = kv_heads = None
+  q_spec = P(batch, None, q_heads, None)
+  kv_spec = P(batch, kv_heads, None, None) if heads_major_kv else P(batch, None, kv_heads, None)
   if (q_seg is None) != (kv_seg is None):
-    q_seg, kv_seg = split_segment_ids((q_seg, kv_seg), q, k)
+    q_seg, kv_seg = split_segment_ids((q_seg, kv_seg), q, k.swapaxes(1, 2) if heads_major_kv
+                                      else k)
   segments = () if q_seg is None else (q_seg, kv_seg)
 
   def per_shard(q, k, v, *rest):

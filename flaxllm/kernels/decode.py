@@ -9,6 +9,7 @@ and before the window; the skipped blocks are not read. Forward only.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from flaxllm.kernels import blocks, gpu, options, tpu
@@ -27,28 +28,39 @@ def _cache_block(seq, block_k):
   return b if b >= options.MIN_BLOCK else min(block_k, options.fit_block(seq))
 
 
+def _seq_major(x, heads_major_kv):
+  """x's shape as [batch, seq_kv, kv_heads, head_dim] (for the input checks)."""
+  if not heads_major_kv or getattr(x, 'ndim', None) != 4:
+    return x
+  b, h, s, d = x.shape
+  return jax.ShapeDtypeStruct((b, s, h, d), x.dtype)
+
+
 def decode_attention(q, k, v, *, q_offset, causal=True, q_segment_ids=None,
                      kv_segment_ids=None, window=None, softcap=None, sm_scale=None,
-                     block_k=None, num_splits=None, backend=None, interpret=None):
+                     block_k=None, num_splits=None, backend=None, interpret=None,
+                     heads_major_kv=False):
   """Attention of q [batch, seq_q, heads, head_dim] at slots q_offset + i (an int or a
-  traced int32 scalar) against a cache k, v [batch, seq_kv, kv_heads, head_dim].
+  traced int32 scalar) against a cache k, v [batch, seq_kv, kv_heads, head_dim], or
+  [batch, kv_heads, seq_kv, head_dim] with `heads_major_kv` (read in place on every backend).
 
   Masking follows `flaxllm.kernels.reference`. block_k: cache tile (a power of two; the
   cache is copied only if no such tile divides seq_kv). num_splits: cache chunks run in
   parallel (default: enough to fill a GPU; 1 on TPU). Returns [batch, seq_q, heads,
   head_dim] in q's dtype.
   """
-  options.check_inputs(q, k, v, q_segment_ids, kv_segment_ids, window=window,
-                       softcap=softcap, sm_scale=sm_scale)
+  kv_shape = _seq_major(k, heads_major_kv)
+  options.check_inputs(q, kv_shape, _seq_major(v, heads_major_kv), q_segment_ids,
+                       kv_segment_ids, window=window, softcap=softcap, sm_scale=sm_scale)
   backend = options.resolve_backend(backend)
   interpret = options.resolve_interpret(interpret, backend)
   kernels = _BACKENDS[backend]
   b, seq_q, heads, head_dim = q.shape
-  seq_kv, kv_heads = k.shape[1], k.shape[2]
+  seq_kv, kv_heads = kv_shape.shape[1], kv_shape.shape[2]
   groups = heads // kv_heads
   if (q_segment_ids is None) != (kv_segment_ids is None):
     q_segment_ids, kv_segment_ids = options.split_segment_ids(
-        (q_segment_ids, kv_segment_ids), q, k)
+        (q_segment_ids, kv_segment_ids), q, kv_shape)
 
   block_k = _cache_block(seq_kv, block_k or _DEFAULT_BLOCK_K[backend])
   num_blocks = -(-seq_kv // block_k)
@@ -66,7 +78,10 @@ def decode_attention(q, k, v, *, q_offset, causal=True, q_segment_ids=None,
   qp = q.reshape(b, seq_q, kv_heads, groups, head_dim).transpose(0, 2, 1, 3, 4)
   qp = qp.reshape(b, kv_heads, rows, head_dim)
   qp = jnp.pad(qp, ((0, 0), (0, 0), (0, pad_rows - rows), (0, pad_d - head_dim)))
-  widths = ((0, 0), (0, pad_kv - seq_kv), (0, 0), (0, pad_d - head_dim))
+  seq_axis = 2 if heads_major_kv else 1
+  widths = [(0, 0), (0, 0), (0, 0), (0, pad_d - head_dim)]
+  widths[seq_axis] = (0, pad_kv - seq_kv)
+  widths = tuple(widths)
   if widths != ((0, 0),) * 4:
     k, v = jnp.pad(k, widths), jnp.pad(v, widths)
   q_seg = kv_seg = None
@@ -82,7 +97,8 @@ def decode_attention(q, k, v, *, q_offset, causal=True, q_segment_ids=None,
   offset = jnp.asarray(q_offset, jnp.int32).reshape(1)
   acc, m, l = kernels.decode_partials(
       offset, qp, k, v, q_seg, kv_seg, spec=spec, groups=groups, num_rows=rows,
-      block_r=block_r, block_k=block_k, num_splits=num_splits, interpret=interpret)
+      block_r=block_r, block_k=block_k, num_splits=num_splits, interpret=interpret,
+      heads_major_kv=heads_major_kv)
   out = blocks.merge_partials(acc, m, l, axis=2)[:, :, :rows, :head_dim]
   out = out.reshape(b, kv_heads, seq_q, groups, head_dim).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, seq_q, heads, head_dim).astype(q.dtype)

@@ -228,19 +228,23 @@ def _decode_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, acc_ref
 
 
 def decode_partials(offset, q, k, v, q_seg, kv_seg, *, spec, groups, num_rows, block_r,
-                    block_k, num_splits, interpret):
+                    block_k, num_splits, interpret, heads_major_kv=False):
   """Un-normalized split-K attention of packed query rows against a KV cache.
 
   offset (1,) int32: absolute slot of query 0. q [b, kvh, rows, d]: row r is query
-  r // groups of head kv_head * groups + r % groups. k, v [b, S, kvh, d];
+  r // groups of head kv_head * groups + r % groups. k, v [b, S, kvh, d] (`heads_major_kv`:
+  [b, kvh, S, d]);
   q_seg [b, rows, 1], kv_seg [b, 1, S] or None. Returns acc [b, kvh, splits, rows, d]
   and m, l [b, kvh, splits, rows, 1] (f32) for `blocks.merge_partials`.
   """
   b, kvh, rows, d = q.shape
-  seq = k.shape[1]
+  seq = k.shape[2 if heads_major_kv else 1]
   per_split = -(-(seq // block_k) // num_splits)
   q_spec = pl.BlockSpec((None, None, block_r, d), lambda n, hk, r, s: (n, hk, r, 0))
-  kv_spec = pl.BlockSpec((None, seq, None, d), lambda n, hk, r, s: (n, 0, hk, 0))
+  if heads_major_kv:
+    kv_spec = pl.BlockSpec((None, None, seq, d), lambda n, hk, r, s: (n, hk, 0, 0))
+  else:
+    kv_spec = pl.BlockSpec((None, seq, None, d), lambda n, hk, r, s: (n, 0, hk, 0))
   part = lambda width: pl.BlockSpec((None, None, None, block_r, width),
                                     lambda n, hk, r, s: (n, hk, s, r, 0))
   shape = lambda width: jax.ShapeDtypeStruct((b, kvh, num_splits, rows, width), jnp.float32)

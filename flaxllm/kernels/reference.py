@@ -31,19 +31,22 @@ def attention_mask(batch, seq_q, seq_kv, *, causal=False, q_segment_ids=None,
 
 
 def reference_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
-                        q_offset=0, window=None, softcap=None, sm_scale=None):
-  """Plain attention. q [batch, seq_q, heads, head_dim]; k, v [batch, seq_kv, kv_heads, head_dim].
+                        q_offset=0, window=None, softcap=None, sm_scale=None,
+                        heads_major_kv=False):
+  """Plain attention. q [batch, seq_q, heads, head_dim]; k, v [batch, seq_kv, kv_heads, head_dim]
+  (`heads_major_kv`: [batch, kv_heads, seq_kv, head_dim], the KV cache's layout, read in place).
 
   Grouped-query attention groups the `heads // kv_heads` query heads that share a KV head,
   without repeating K and V. Logits and softmax are computed in float32.
   Returns [batch, seq_q, heads, head_dim] in q's dtype.
   """
   b, sq, h, d = q.shape
-  skv, kvh = k.shape[1], k.shape[2]
+  skv, kvh = (k.shape[2], k.shape[1]) if heads_major_kv else (k.shape[1], k.shape[2])
+  kv = 'bksd' if heads_major_kv else 'bskd'
   groups = h // kvh
   scale = sm_scale if sm_scale is not None else d ** -0.5
   qg = q.reshape(b, sq, kvh, groups, d)
-  logits = jnp.einsum('bqkgd,bskd->bkgqs', qg, k,
+  logits = jnp.einsum(f'bqkgd,{kv}->bkgqs', qg, k,
                       preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
@@ -56,7 +59,7 @@ def reference_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment
   row_max = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
   weights = jnp.exp(logits - row_max)
   denom = weights.sum(axis=-1)                                        # [b, k, g, q]
-  out = jnp.einsum('bkgqs,bskd->bqkgd', weights.astype(v.dtype), v,
+  out = jnp.einsum(f'bkgqs,{kv}->bqkgd', weights.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   has_key = jnp.moveaxis(row_max[..., 0] > jnp.finfo(jnp.float32).min, 3, 1)   # [b, q, k, g]
   out = jnp.where(has_key[..., None], out / jnp.moveaxis(denom, 3, 1)[..., None], 0.0)

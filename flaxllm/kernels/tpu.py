@@ -323,10 +323,11 @@ def _decode_kernel(offset_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, acc_out
 
 
 def decode_partials(offset, q, k, v, q_seg, kv_seg, *, spec, groups, num_rows, block_r,
-                    block_k, num_splits, interpret):
-  """Same contract as `flaxllm.kernels.gpu.decode_partials` (offset is scalar-prefetched)."""
+                    block_k, num_splits, interpret, heads_major_kv=False):
+  """Same contract as `flaxllm.kernels.gpu.decode_partials` (offset is scalar-prefetched); a
+  heads-major cache is read in place, a [b, S, kvh, d] one too when head_dim % 128 == 0."""
   b, kvh, rows, d = q.shape
-  seq = k.shape[1]
+  seq = k.shape[2 if heads_major_kv else 1]
   nk = seq // block_k
   per_split = -(-nk // num_splits)
   kvv = _Heads(kvh, d)
@@ -336,7 +337,12 @@ def decode_partials(offset, q, k, v, q_seg, kv_seg, *, spec, groups, num_rows, b
                                       groups, block_k, nk)
     return _fetch(s * per_split + t, ranges, nk)
 
-  kv_spec = kvv.spec(block_k, lambda n, hk, r, s, t, o: (n, hk, kv_block(n, hk, r, s, t, o)))
+  kv_index = lambda n, hk, r, s, t, o: (n, hk, kv_block(n, hk, r, s, t, o))
+  if heads_major_kv:
+    kv_spec = pl.BlockSpec((None, None, block_k, d), lambda *g: (*kv_index(*g), 0))
+  else:
+    kv_spec = kvv.spec(block_k, kv_index)
+    k, v = kvv.wrap(k), kvv.wrap(v)
   part = lambda width: pl.BlockSpec((None, None, None, block_r, width),
                                     lambda n, hk, r, s, t, o: (n, hk, s, r, 0))
   shape = lambda width: jax.ShapeDtypeStruct((b, kvh, num_splits, rows, width), _F32)
@@ -356,4 +362,4 @@ def decode_partials(offset, q, k, v, q_seg, kv_seg, *, spec, groups, num_rows, b
       out_shape=[shape(d), shape(1), shape(1)],
       compiler_params=_params('parallel', 'parallel', 'parallel', 'parallel', 'arbitrary'),
       interpret=interpret, name='decode_attention',
-  )(offset, q, kvv.wrap(k), kvv.wrap(v), q_seg, kv_seg)
+  )(offset, q, k, v, q_seg, kv_seg)

@@ -164,17 +164,18 @@ def _prefill(model, params, tokens, mask, targets):
 
 @functools.partial(jax.jit, static_argnames=('scan_layers',), donate_argnames=('cache',))
 def _insert(cache, prefilled, slot, column, scan_layers: bool):
-  """`cache` with row `slot` emptied and the prefilled row [.., 1, B, ..] at columns
+  """`cache` with row `slot` emptied and the prefilled row (B slots) at columns
   [column - B, column)."""
   axis = 1 if scan_layers else 0
 
   def put(path, leaf, new):
-    if _is_index(path):
+    slots = generate.cache_slot_axis(path, scan_layers)
+    if slots is None:
       return leaf
     empty = jnp.zeros(leaf.shape[:axis] + (1,) + leaf.shape[axis + 1:], leaf.dtype)
     leaf = jax.lax.dynamic_update_slice_in_dim(leaf, empty, slot, axis)
     start = [0] * leaf.ndim
-    start[axis], start[axis + 1] = slot, column - new.shape[axis + 1]
+    start[axis], start[slots] = slot, column - new.shape[slots]
     return jax.lax.dynamic_update_slice(leaf, new.astype(leaf.dtype), start)
 
   return jax.tree_util.tree_map_with_path(put, cache, prefilled)
@@ -183,10 +184,10 @@ def _insert(cache, prefilled, slot, column, scan_layers: bool):
 @functools.partial(jax.jit, static_argnames=('shift', 'scan_layers'), donate_argnames=('cache',))
 def _shift(cache, shift: int, scan_layers: bool):
   """Every row's columns moved `shift` to the left (and the write index with them)."""
-  axis = 2 if scan_layers else 1
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: leaf - shift if _is_index(path) else jnp.roll(leaf, -shift, axis),
-      cache)
+  def move(path, leaf):
+    slots = generate.cache_slot_axis(path, scan_layers)
+    return leaf - shift if slots is None else jnp.roll(leaf, -shift, slots)
+  return jax.tree_util.tree_map_with_path(move, cache)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'sample'), donate_argnames=('cache',))
