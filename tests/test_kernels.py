@@ -415,7 +415,8 @@ LOWERING_CHECKS = [export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton'
 @pytest.mark.parametrize('platform,backend', [('cuda', 'gpu'), ('tpu', 'tpu')])
 @pytest.mark.parametrize('dtype,head_dim', [(jnp.bfloat16, 128), (jnp.float32, 64)])
 def test_kernels_lower_for_the_real_backends(platform, backend, dtype, head_dim):
-  """Flash forward + backward and decode lower to Triton / Mosaic with default blocks."""
+  """Flash forward + backward and decode (both cache layouts) lower to Triton / Mosaic with
+  default blocks."""
   q = jax.ShapeDtypeStruct((2, 1000, 8, head_dim), dtype)
   kv = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), dtype)
   seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
@@ -425,13 +426,16 @@ def test_kernels_lower_for_the_real_backends(platform, backend, dtype, head_dim)
                           backend=backend, interpret=False)
     return jnp.sum(out.astype(jnp.float32))
 
-  def decode(q, k, v, offset):
+  def decode(q, k, v, offset, heads_major_kv=False):
     return decode_attention(q, k, v, q_offset=offset, window=300, backend=backend,
-                            interpret=False)
+                            interpret=False, heads_major_kv=heads_major_kv)
 
+  one_query = jax.ShapeDtypeStruct((2, 1, 8, head_dim), dtype)
+  offset = jax.ShapeDtypeStruct((), jnp.int32)
+  cache = jax.ShapeDtypeStruct((2, 2, 1000, head_dim), dtype)   # heads-major, as generate's
   for fn, args in [(jax.grad(loss, argnums=(0, 1, 2)), (q, kv, kv, seg)),
-                   (decode, (jax.ShapeDtypeStruct((2, 1, 8, head_dim), dtype), kv, kv,
-                             jax.ShapeDtypeStruct((), jnp.int32)))]:
+                   (decode, (one_query, kv, kv, offset)),
+                   (lambda *a: decode(*a, heads_major_kv=True), (one_query, cache, cache, offset))]:
     exported = export.export(jax.jit(fn), platforms=[platform],
                              disabled_checks=LOWERING_CHECKS)(*args)
     text = exported.mlir_module()
