@@ -40,6 +40,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 RESULTS = os.path.join(BENCH, 'results')
 NAME = 'bench-llama'
+LOAD_ROUNDS = 5   # memory readings during the load test
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 
@@ -135,8 +136,9 @@ def concurrency(client, clients: int, rounds: int, tokens: int) -> dict:
           'ttft_p99_s': float(np.percentile(ttft, 99))}
 
 
-def load_test(client, base: str, requests: int, clients: int = 8) -> dict:
-  """A fixed mix of requests; returns counts of good answers and of errors."""
+def load_test(client, base: str, requests: int, clients: int = 8, first: int = 0) -> dict:
+  """A fixed mix of requests (numbered from `first`); returns counts of good answers and of
+  errors."""
   import httpx
   import openai
 
@@ -161,7 +163,7 @@ def load_test(client, base: str, requests: int, clients: int = 8) -> dict:
 
   start = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-    outcomes = list(pool.map(one, range(requests)))
+    outcomes = list(pool.map(one, range(first, first + requests)))
   return {'requests': requests, 'clients': clients, 'wall_s': time.perf_counter() - start,
           **{k: outcomes.count(k) for k in ('served', 'expected_error', 'error')}}
 
@@ -213,10 +215,18 @@ def main(argv=None):
       levels.append(concurrency(client, clients, args.rounds, args.concurrency_tokens))
       print(levels[-1], flush=True)
     load_test(client, base, 50)                          # warm-up: every compiled shape
-    memory_before = rss_mib(proc.pid)
-    load = load_test(client, base, args.load_requests)
-    memory_after = rss_mib(proc.pid)
-    load.update(rss_before_mib=memory_before, rss_after_mib=memory_after)
+    # The load test in LOAD_ROUNDS parts with the server's memory after each: a plateau or
+    # a slope, not only two readings.
+    rss = [rss_mib(proc.pid)]
+    parts = []
+    for part in range(LOAD_ROUNDS):
+      size = args.load_requests // LOAD_ROUNDS
+      parts.append(load_test(client, base, size, first=part * size))
+      rss.append(rss_mib(proc.pid))
+    load = {'requests': sum(p['requests'] for p in parts), 'clients': parts[0]['clients'],
+            **{k: sum(p[k] for p in parts) for k in ('wall_s', 'served', 'expected_error',
+                                                     'error')},
+            'rss_before_mib': rss[0], 'rss_after_mib': rss[-1], 'rss_after_each_part_mib': rss}
     print('load', load, flush=True)
   finally:
     proc.terminate()
@@ -261,7 +271,7 @@ Time to first token: {s['ttft_s'] * 1000:.0f} ms.
 
 ## Load test
 
-{load['requests']} requests from {load['clients']} clients in {load['wall_s']:.0f} s: {load['served']} served, {load['expected_error']} bad requests answered with their error, {load['error']} errors. Server memory (VmRSS) after a warm-up of the same mix: {load['rss_before_mib']:.0f} MiB; after the load test: {load['rss_after_mib']:.0f} MiB.
+{load['requests']} requests from {load['clients']} clients in {load['wall_s']:.0f} s: {load['served']} served, {load['expected_error']} bad requests answered with their error, {load['error']} errors. Server memory (VmRSS) after a warm-up of the same mix: {load['rss_before_mib']:.0f} MiB; after the load test: {load['rss_after_mib']:.0f} MiB; after each fifth of it: {' / '.join(f'{m:.0f}' for m in load['rss_after_each_part_mib'][1:])} MiB.
 """
   with open(args.out + '.md', 'w') as f:
     f.write(md)
