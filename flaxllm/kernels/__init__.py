@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from flaxllm.kernels.decode import decode_attention
 from flaxllm.kernels.flash import default_block_sizes, flash_attention
-from flaxllm.kernels.options import BlockSizes, SUPPORTED_DTYPES, split_segment_ids
+from flaxllm.kernels.options import BlockSizes, SUPPORTED_DTYPES, seq_major_shape, split_segment_ids
 from flaxllm.kernels.reference import attention_mask, reference_attention
 
 __all__ = ['BlockSizes', 'attention', 'attention_mask', 'decode_attention',
@@ -145,8 +145,7 @@ def _per_shard(kernel, q, k, v, q_seg, kv_seg, *scalars, heads_major_kv=False):
   q_spec = P(batch, None, q_heads, None)
   kv_spec = P(batch, kv_heads, None, None) if heads_major_kv else P(batch, None, kv_heads, None)
   if (q_seg is None) != (kv_seg is None):
-    q_seg, kv_seg = split_segment_ids((q_seg, kv_seg), q, k.swapaxes(1, 2) if heads_major_kv
-                                      else k)
+    q_seg, kv_seg = split_segment_ids((q_seg, kv_seg), q, seq_major_shape(k, heads_major_kv))
   segments = () if q_seg is None else (q_seg, kv_seg)
 
   def per_shard(q, k, v, *rest):

@@ -9,7 +9,6 @@ and before the window; the skipped blocks are not read. Forward only.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from flaxllm.kernels import blocks, gpu, options, tpu
@@ -28,14 +27,6 @@ def _cache_block(seq, block_k):
   return b if b >= options.MIN_BLOCK else min(block_k, options.fit_block(seq))
 
 
-def _seq_major(x, heads_major_kv):
-  """x's shape as [batch, seq_kv, kv_heads, head_dim] (for the input checks)."""
-  if not heads_major_kv or getattr(x, 'ndim', None) != 4:
-    return x
-  b, h, s, d = x.shape
-  return jax.ShapeDtypeStruct((b, s, h, d), x.dtype)
-
-
 def decode_attention(q, k, v, *, q_offset, causal=True, q_segment_ids=None,
                      kv_segment_ids=None, window=None, softcap=None, sm_scale=None,
                      block_k=None, num_splits=None, backend=None, interpret=None,
@@ -49,8 +40,8 @@ def decode_attention(q, k, v, *, q_offset, causal=True, q_segment_ids=None,
   parallel (default: enough to fill a GPU; 1 on TPU). Returns [batch, seq_q, heads,
   head_dim] in q's dtype.
   """
-  kv_shape = _seq_major(k, heads_major_kv)
-  options.check_inputs(q, kv_shape, _seq_major(v, heads_major_kv), q_segment_ids,
+  kv_shape = options.seq_major_shape(k, heads_major_kv)
+  options.check_inputs(q, kv_shape, options.seq_major_shape(v, heads_major_kv), q_segment_ids,
                        kv_segment_ids, window=window, softcap=softcap, sm_scale=sm_scale)
   backend = options.resolve_backend(backend)
   interpret = options.resolve_interpret(interpret, backend)

@@ -107,6 +107,16 @@ def split_segment_ids(segment_ids, q, k):
   return (zeros(q) if q_seg is None else q_seg), (zeros(k) if kv_seg is None else kv_seg)
 
 
+def seq_major_shape(x, heads_major_kv: bool):
+  """A heads-major k or v [batch, kv_heads, seq_kv, head_dim] as the shape (a
+  ShapeDtypeStruct) of [batch, seq_kv, kv_heads, head_dim], for the checks and segment-id
+  helpers here; anything else as it is."""
+  if not heads_major_kv or getattr(x, 'ndim', None) != 4:
+    return x
+  b, h, s, d = x.shape
+  return jax.ShapeDtypeStruct((b, s, h, d), x.dtype)
+
+
 def check_inputs(q, k, v, q_seg=None, kv_seg=None, *, window=None, softcap=None,
                  sm_scale=None):
   """Raises one clear ValueError for inputs no kernel supports (before any lowering)."""
