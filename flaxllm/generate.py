@@ -123,7 +123,7 @@ def _take_cache_rows(cache, rows, scan_layers: bool):
   axis = 1 if scan_layers else 0
 
   def take(path, leaf):
-    return leaf if getattr(path[-1], 'key', None) == 'index' else jnp.take(leaf, rows, axis)
+    return leaf if cache_slot_axis(path, scan_layers) is None else jnp.take(leaf, rows, axis)
 
   return jax.tree_util.tree_map_with_path(take, cache)
 

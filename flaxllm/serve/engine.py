@@ -147,10 +147,6 @@ class _Choice:
 
 # ----------------------------------------------------------------------------- jitted parts
 
-def _is_index(path) -> bool:
-  return getattr(path[-1], 'key', None) == 'index'
-
-
 @functools.partial(jax.jit, static_argnames=('model',))
 def _prefill(model, params, tokens, mask, targets):
   """Prompt tokens [1, B] (left padded) through a fresh cache of B columns: (that cache, the
@@ -244,7 +240,8 @@ class Engine:
     self._index = max_len
     cache = generate.init_cache(self.model, slots, self._columns)
     self._cache = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: leaf + max_len if _is_index(path) else leaf, cache)
+        lambda path, leaf: leaf if generate.cache_slot_axis(path, self._scan) is not None
+        else leaf + max_len, cache)
     key_shape = jax.random.key_data(jax.random.key(0)).shape
     self._slots: list[Optional[_Choice]] = [None] * slots
     self._last = np.zeros(slots, np.int32)
