@@ -272,6 +272,73 @@ def test_heads_major_cache_is_read_in_place(backend, seq_q, groups, window, segm
   assert not cache_copies(kh, vh, True)
 
 
+# --------------------------------------------------------------------- blocked (CPU path)
+
+BLOCKED_CASES = [
+    Case(seq_q=100),                                     # causal, odd length, 4 blocks of 32
+    Case(groups=4, kv_heads=2, seq_q=97),                # GQA
+    Case(groups=2, segments=True, seq_q=75, batch=2),    # packed documents
+    Case(window=20, seq_q=90),                           # sliding window: blocks left skipped
+    Case(causal=False, window=17, seq_q=70, groups=4),   # window without causality
+    Case(seq_q=40, seq_kv=90, q_offset=50, softcap=5.0, groups=2),   # queries at an offset
+    Case(seq_q=70, seq_kv=40, q_offset=-35),             # first block sees no key at all
+]
+
+
+@pytest.mark.parametrize('heads_major_kv', [False, True])
+@pytest.mark.parametrize('c', BLOCKED_CASES, ids=str)
+def test_blocked_matches_reference(c, heads_major_kv):
+  """Blocked attention (query blocks of 32 against only the keys they may see) equals the
+  reference, forward and gradients, for every mask the convention has."""
+  q, k, v, do, segs = case_inputs(c)
+  kw = dict(causal=c.causal, window=c.window, softcap=c.softcap, q_offset=c.q_offset,
+            q_segment_ids=segs, kv_segment_ids=segs)
+  want = out_and_grads(lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v, do)
+  if heads_major_kv:
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+  got = out_and_grads(lambda q, k, v: kernels.blocked_attention(
+      q, k, v, block_q=32, heads_major_kv=heads_major_kv, **kw), q, k, v, do)
+  if heads_major_kv:
+    got[2], got[3] = got[2].swapaxes(1, 2), got[3].swapaxes(1, 2)
+    assert_close(got, want, c.dtype, f'blocked {c}')
+
+
+def test_blocked_skips_the_keys_above_the_diagonal():
+  """The compiled blocked program multiplies (n + 1) / 2n of the square's logits (n blocks)."""
+  q, k, v, _ = make_inputs(0, batch=1, seq_q=256, seq_kv=256, heads=2, kv_heads=2,
+                           head_dim=16, dtype=jnp.float32)
+
+  def flops(fn):
+    return jax.jit(fn).lower(q, k, v).compile().cost_analysis()['flops']
+  square = flops(lambda q, k, v: reference_attention(q, k, v, causal=True))
+  blocked = flops(lambda q, k, v: kernels.blocked_attention(q, k, v, causal=True, block_q=64))
+  assert blocked < 0.7 * square  # 4 blocks: 10 / 16 of the logits (plus the same projections)
+
+
+def test_auto_on_cpu_is_blocked_also_for_a_prefill_into_a_fresh_cache():
+  """impl='auto' on CPU takes the blocked path for training shapes; with a traced offset (a KV
+  cache) a prefill at slot 0 is attended blocked over the new keys, any other slot by the
+  reference, both equal to the reference."""
+  q, k, v, _ = make_inputs(3, batch=2, seq_q=160, seq_kv=160, heads=4, kv_heads=2,
+                           head_dim=16, dtype=jnp.float32)
+  auto = lambda q, k, v: kernels.attention(q, k, v, causal=True)  # noqa: E731
+  assert 'concatenate' in str(jax.make_jaxpr(auto)(q, k, v))     # query blocks joined
+  np.testing.assert_allclose(run(auto, q, k, v), reference_attention(q, k, v, causal=True),
+                             atol=1e-5, rtol=1e-5)
+  kh, vh = k.swapaxes(1, 2), v.swapaxes(1, 2)                   # a cache of 160 slots
+  segs = jnp.asarray(np.repeat([[1] * 140 + [0] * 20], 2, 0), jnp.int32)
+
+  def prefill(q, offset):
+    return kernels.attention(q, kh, vh, causal=True, q_offset=offset, q_segment_ids=segs[:, :130],
+                             kv_segment_ids=segs, heads_major_kv=True)
+  assert 'cond' in str(jax.make_jaxpr(prefill)(q[:, :130], jnp.int32(0)))
+  for offset in (0, 10):
+    want = reference_attention(q[:, :130], k, v, causal=True, q_offset=offset,
+                               q_segment_ids=segs[:, :130], kv_segment_ids=segs)
+    np.testing.assert_allclose(run(prefill, q[:, :130], jnp.int32(offset)), want, atol=1e-5,
+                               rtol=1e-5, err_msg=f'offset {offset}')
+
+
 # -------------------------------------------------------------------------- dispatcher
 
 def test_dispatcher_routes_and_matches_reference():
@@ -280,14 +347,14 @@ def test_dispatcher_routes_and_matches_reference():
   segs = packed_segments(1, 32, 2, seed=1)
   kw = dict(causal=True, q_segment_ids=segs, kv_segment_ids=segs, window=8)
   want = reference_attention(q, k, v, **kw)
-  for impl in ('auto', 'xla', 'pallas'):
+  for impl in ('auto', 'xla', 'blocked', 'pallas'):
     got = run(lambda q, k, v: kernels.attention(q, k, v, impl=impl, **kw), q, k, v)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=impl)
 
   def uses_pallas(fn, *args):
     return 'pallas_call' in str(jax.make_jaxpr(fn)(*args))
 
-  assert not uses_pallas(lambda q: kernels.attention(q, k, v, impl='auto'), q)  # CPU: XLA
+  assert not uses_pallas(lambda q: kernels.attention(q, k, v, impl='auto'), q)  # CPU: blocked
   assert uses_pallas(lambda q: kernels.attention(q, k, v, impl='pallas'), q)
 
   # Generation: a few queries at a traced slot of the cache go to the decode kernel.

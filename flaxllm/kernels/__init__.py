@@ -1,8 +1,9 @@
 """Attention kernels and the dispatcher the models call.
 
-Modules: `reference` (XLA numerics and the masking convention), `blocks` (tile math
-shared by all kernels), `gpu` / `tpu` (the Pallas kernels of each backend), `flash`
-(flash attention with a custom VJP), `decode` (KV-cache decoding), `options` (checks).
+Modules: `reference` (XLA numerics and the masking convention), `blocked` (causal/windowed
+attention in XLA without the square: the CPU path), `blocks` (tile math shared by all
+kernels), `gpu` / `tpu` (the Pallas kernels of each backend), `flash` (flash attention with a
+custom VJP), `decode` (KV-cache decoding), `options` (checks).
 """
 from __future__ import annotations
 
@@ -12,17 +13,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from flaxllm.kernels.blocked import DEFAULT_BLOCK_Q, blocked_attention
 from flaxllm.kernels.decode import decode_attention
 from flaxllm.kernels.flash import default_block_sizes, flash_attention
 from flaxllm.kernels.options import BlockSizes, SUPPORTED_DTYPES, seq_major_shape, split_segment_ids
 from flaxllm.kernels.reference import attention_mask, reference_attention
 
-__all__ = ['BlockSizes', 'attention', 'attention_mask', 'decode_attention',
+__all__ = ['BlockSizes', 'attention', 'attention_mask', 'blocked_attention', 'decode_attention',
            'default_block_sizes', 'flash_attention', 'reference_attention']
 
-IMPLS = ('auto', 'xla', 'cudnn', 'pallas')
+IMPLS = ('auto', 'xla', 'blocked', 'cudnn', 'pallas')
 _MIN_PALLAS_SEQ = 256  # below this the fused XLA reference is as fast (not yet measured)
 
 
@@ -45,7 +48,39 @@ def _auto_impl(q, k, q_offset, heads_major_kv):
   if (jax.default_backend() in ('gpu', 'cuda', 'rocm', 'tpu')
       and _pallas_fits(q, k, q_offset, heads_major_kv)):
     return 'pallas'
-  return 'xla'
+  return 'blocked'
+
+
+def _blocked_or_reference(q, k, v, *, causal, q_segment_ids, kv_segment_ids, q_offset, window,
+                          softcap, sm_scale, heads_major_kv):
+  """'blocked' where it skips work (a causal or windowed mask over more than one query block),
+  else the reference. A traced q_offset (a KV cache) with several queries is a prefill: when the
+  offset is 0 at run time the new keys are the cache's first seq_q slots, attended blocked."""
+  kw = dict(causal=causal, window=window, softcap=softcap, sm_scale=sm_scale)
+  seq_q = q.shape[1]
+  if not (causal or window is not None) or seq_q <= DEFAULT_BLOCK_Q:
+    return reference_attention(q, k, v, q_segment_ids=q_segment_ids,
+                               kv_segment_ids=kv_segment_ids, q_offset=q_offset,
+                               heads_major_kv=heads_major_kv, **kw)
+  if _static_offset(q_offset):
+    return blocked_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                             q_offset=int(q_offset), heads_major_kv=heads_major_kv, **kw)
+  seq_kv = k.shape[2 if heads_major_kv else 1]
+  if not causal or seq_q > seq_kv:
+    return reference_attention(q, k, v, q_segment_ids=q_segment_ids,
+                               kv_segment_ids=kv_segment_ids, q_offset=q_offset,
+                               heads_major_kv=heads_major_kv, **kw)
+  new = (slice(None), slice(None), slice(0, seq_q)) if heads_major_kv else (
+      slice(None), slice(0, seq_q))
+  kv_new_segments = None if kv_segment_ids is None else kv_segment_ids[:, :seq_q]
+  return lax.cond(
+      q_offset == 0,
+      lambda: blocked_attention(q, k[new], v[new], q_segment_ids=q_segment_ids,
+                                kv_segment_ids=kv_new_segments, q_offset=0,
+                                heads_major_kv=heads_major_kv, **kw),
+      lambda: reference_attention(q, k, v, q_segment_ids=q_segment_ids,
+                                  kv_segment_ids=kv_segment_ids, q_offset=q_offset,
+                                  heads_major_kv=heads_major_kv, **kw))
 
 
 def cudnn_arguments(*, causal, q_segment_ids, kv_segment_ids, q_offset, window, softcap,
@@ -76,17 +111,23 @@ def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
   decode kernel read it in place, with no per-step transpose; 'cudnn' and `flash_attention`
   get a transposed copy). See `flaxllm.kernels.reference` for the masking convention.
 
-  'xla': `reference_attention`. 'cudnn': `jax.nn.dot_product_attention(implementation=
+  'xla': `reference_attention`. 'blocked': `blocked_attention` (the reference one query block
+  at a time against only the keys the block may see) where a causal or windowed mask lets it
+  skip work, including a prefill against a fresh KV cache; the reference elsewhere. 'cudnn': `jax.nn.dot_product_attention(implementation=
   'cudnn')`, for masks it can express (no soft-cap, segment ids or q_offset). 'pallas':
   `flash_attention` when q_offset is a Python int, else `decode_attention` (a traced
   offset: decoding against a KV cache; forward only). 'auto': Pallas on GPU/TPU for
-  sequences of at least 256 keys and for decoding, else XLA (always XLA on CPU). Under a
+  sequences of at least 256 keys and for decoding, else 'blocked' (always on CPU). Under a
   multi-device `jax.set_mesh`, the Pallas kernels run per shard (`_per_shard`).
   """
   if impl not in IMPLS:
     raise ValueError(f'attention impl must be one of {IMPLS}, got {impl!r}.')
   if impl == 'auto':
     impl = _auto_impl(q, k, q_offset, heads_major_kv)
+  if impl == 'blocked':
+    return _blocked_or_reference(q, k, v, causal=causal, q_segment_ids=q_segment_ids,
+                                 kv_segment_ids=kv_segment_ids, q_offset=q_offset, window=window,
+                                 softcap=softcap, sm_scale=sm_scale, heads_major_kv=heads_major_kv)
   if impl == 'xla':
     return reference_attention(q, k, v, causal=causal, q_segment_ids=q_segment_ids,
                                kv_segment_ids=kv_segment_ids, q_offset=q_offset,

@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 from ml_collections import ConfigDict, config_dict
 
+from flaxllm.kernels import IMPLS as ATTENTION_IMPLS
+
 
 class ConfigError(ValueError):
   """A configuration that cannot work; the message names the key and the fix."""
@@ -59,7 +61,7 @@ class ModelConfig:
   dropout: float = 0.0
   scan_layers: bool = False             # stack layer params on a leading 'layers' axis
   remat: str = 'none'                   # 'none' | 'full' | 'dots' | 'dots_no_batch'
-  attention_impl: str = 'auto'          # 'auto' | 'xla' | 'cudnn' | 'pallas'
+  attention_impl: str = 'auto'          # 'auto' | 'xla' | 'blocked' | 'cudnn' | 'pallas'
 
   def __post_init__(self):
     self.validate()
@@ -83,7 +85,7 @@ class ModelConfig:
                    norm=('rmsnorm', 'layernorm'), norm_position=('pre', 'post'),
                    position=('rope', 'learned', 'sinusoidal'),
                    remat=('none', 'full', 'dots', 'dots_no_batch'),
-                   attention_impl=('auto', 'xla', 'cudnn', 'pallas'))
+                   attention_impl=ATTENTION_IMPLS)
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
         raise ConfigError(f'model.{key}={getattr(self, key)!r} is not supported; '
