@@ -199,3 +199,47 @@ def test_skip_nonfinite_keeps_the_previous_state(model_and_params):
   assert float(metrics['skipped']) == 1.0 and int(new_state.step) == 1
   np.testing.assert_array_equal(new_state.params['embed']['embedding'],
                                 poisoned.params['embed']['embedding'])
+
+
+def test_fused_head_loss_trains_only_what_is_trained_and_equals_autodiff():
+  """`head_loss.chunked_head_ce` with a LoRA-like head (a frozen float kernel, an int8 code
+  leaf, trained adapters): the objective, sums and gradients of the adapters and the hidden
+  states equal autodiff of the plain whole-logits loss, and the frozen leaves get none."""
+  from flaxllm.models import head_loss, losses
+  rng = np.random.default_rng(0)
+  b, s, d, v, r = 3, 11, 8, 40, 2
+  hidden = jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, v, (b, s)), jnp.int32)
+  mask = jnp.asarray(rng.random((b, s)) < 0.8, jnp.float32)
+  frozen = {'kernel': jnp.asarray(rng.normal(size=(d, v)) * 0.3, jnp.float32),
+            'codes': jnp.asarray(rng.integers(-3, 4, (v,)), jnp.int8)}
+  trained = {'a': jnp.asarray(rng.normal(size=(d, r)), jnp.float32),
+             'b': jnp.asarray(rng.normal(size=(r, v)) * 0.1, jnp.float32)}
+
+  def head(p, h):
+    return h @ (p['kernel'] + p['a'] @ p['b']) + 0.1 * p['codes'].astype(jnp.float32)
+
+  def plain(tr, h):
+    return losses.lm_sums(head({**frozen, **tr}, h), {'targets': targets, 'loss_mask': mask},
+                          z_loss=1e-2)
+
+  def fused(tr, h):
+    return head_loss.chunked_head_ce(head, {**frozen, **tr}, h, targets, mask, z_loss=1e-2,
+                                     chunk_size=4)
+
+  grad = lambda fn: jax.jit(jax.grad(fn, argnums=(0, 1), has_aux=True))(trained, hidden)
+  (g_plain, s_plain), (g_fused, s_fused) = grad(plain), grad(fused)
+  for k in ('ce', 'z', 'tokens'):
+    np.testing.assert_allclose(s_fused[k], s_plain[k], rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(fused)(trained, hidden)[0], jax.jit(plain)(trained, hidden)[0],
+                             rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+               g_fused, g_plain)
+  # The whole head, frozen leaves included, as the argument: d codes is float0 (int leaf).
+  g_all = jax.grad(lambda p: head_loss.chunked_head_ce(
+      head, p, hidden, targets, mask, chunk_size=4)[0], allow_int=True)({**frozen, **trained})
+  assert g_all['codes'].dtype == jax.dtypes.float0
+  want = jax.grad(lambda p: losses.lm_sums(head(p, hidden),
+                                           {'targets': targets, 'loss_mask': mask})[0],
+                  allow_int=True)({**frozen, **trained})
+  np.testing.assert_allclose(g_all['kernel'], want['kernel'], rtol=1e-4, atol=1e-6)

@@ -4,18 +4,20 @@ instruction tuning where `loss_mask` covers the responses).
     loss_fn = lm_loss(model, z_loss=1e-4)                  # a LossFn (flaxllm.objectives.base)
     objective, sums = loss_fn(params, frozen, batch, rng)  # sums: 'ce', 'z', 'tokens'
 
-With `chunk_size` > 0 (decoder-only models) the output head and the loss run over chunks of
-that many positions under `jax.checkpoint` (`flaxllm.models.split.chunked_sums`): one chunk's
-[batch, chunk, vocab] float32 logits are alive at a time instead of the whole sequence's, which
-dominates activation memory at large vocabularies. Same sums and gradients.
+With `chunk_size` > 0 (decoder-only models) the output head and the loss run fused over chunks
+of that many positions with their own VJP (`flaxllm.models.head_loss.chunked_head_ce`): one
+chunk's [batch, chunk, vocab] float32 logits are alive at a time instead of the whole
+sequence's, which dominates activation memory at large vocabularies, and each logit is computed
+once (the gradient of the head is formed in the forward pass). Same sums and gradients.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 
-from flaxllm.models import losses
+from flaxllm.models import head_loss, losses
 from flaxllm.models import split as split_lib
 from flaxllm.objectives import base
 
@@ -50,15 +52,9 @@ def _chunked_lm_loss(cfg, z_loss: float, model_params, chunk_size: int) -> base.
   def loss_fn(params, frozen, batch, rng=None):
     tree = model_params(params, frozen)
     hidden = split_lib.hidden_states(cfg, tree, batch, rng)    # [batch, seq, embed]
-    head = split_lib.head_params(cfg, tree)
-
-    def chunk_sums(h, targets, mask):                          # [batch, chunk, ...]
-      logits = split_lib.head_logits(cfg, head, h)
-      return losses.lm_sums(logits, {'targets': targets, 'loss_mask': mask})[1]
-
-    sums = split_lib.chunked_sums(chunk_sums, (hidden, batch['targets'], batch['loss_mask']),
-                                  chunk_size)
-    return (sums['ce'] + z_loss * sums['z'] if z_loss else sums['ce']), sums
+    return head_loss.chunked_head_ce(
+        functools.partial(split_lib.head_logits, cfg), split_lib.head_params(cfg, tree), hidden,
+        batch['targets'], batch['loss_mask'], z_loss=z_loss, chunk_size=chunk_size)
   return loss_fn
 
 
