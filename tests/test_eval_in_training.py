@@ -117,7 +117,8 @@ def test_rolling_loglikelihood_is_minus_the_eval_loss_times_its_tokens(env, unin
                                                                        tmp_path):
   """One held-out document: `flaxllm eval`'s loss on it (trainer.evaluate_checkpoint, rows of
   BOS + text + EOS) times its token count equals minus the harness backend's rolling
-  log-likelihood of the text (BOS-prefixed windows) plus the EOS prediction."""
+  log-likelihood of the text (BOS-prefixed windows) plus the EOS prediction; its bits per byte
+  are that over ln 2 x the text's bytes."""
   text = 'def f(x):\n    return x\n'
   data = tmp_path / 'data'
   data.mkdir()
@@ -138,4 +139,8 @@ def test_rolling_loglikelihood_is_minus_the_eval_loss_times_its_tokens(env, unin
   per_document = len(ids)                 # every text token and the EOS are predicted
   assert result['val_tokens'] % per_document == 0   # the document, once per row
   assert -result['val_loss'] * per_document == pytest.approx(rolling + eos, rel=1e-5)
+  # Bits per byte: the same nats over ln 2 x the document's UTF-8 bytes (the EOS prediction
+  # counted in the nats and as no byte).
+  assert result['val_bpb'] == pytest.approx(-(rolling + eos) / (math.log(2) * len(text.encode())),
+                                            rel=1e-5)
 

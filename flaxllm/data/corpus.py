@@ -68,6 +68,7 @@ def config_section():
   c.max_files = 0            # 0 = no limit
   c.max_bytes = 0
   c.shuffle = True           # seeded global shuffle of the train split, every epoch
+  c.interleave = 64          # pack this many documents at once, rows taken from each in turn
   c.shuffle_window = 1024    # then shuffle packed rows within windows of this many rows
   c.packing = "concat"       # one of pipeline.PACKING: 'concat' (no padding) | 'first_fit'
   c.packing_bins = 16

@@ -5,12 +5,24 @@ Per process::
   data source (random access, TFDS ArrayRecord)
     -> grain.MapDataset: global shuffle (seeded, reshuffled each epoch), repeat
     -> this process's share of the global stream (every process_count-th document)
-    -> tokenize each document into BOS + tokens + EOS               (a "document")
-    -> (inputs, targets, loss_mask) = (tokens[:-1], tokens[1:], mask[1:])
-    -> pack into rows of seq_len with segment_ids / positions      (no pair crosses documents)
-    -> (train) shuffle packed rows within windows of data.shuffle_window rows
+    -> data.interleave streams, stream i taking every interleave-th document from i, each:
+       -> tokenize each document into BOS + tokens + EOS            (a "document")
+       -> (inputs, targets, loss_mask) = (tokens[:-1], tokens[1:], mask[1:])
+       -> pack into rows of seq_len with segment_ids / positions   (no pair crosses documents)
+    -> rows taken from the streams in turn (`InterleaveRows`)
+    -> shuffle packed rows within windows of data.shuffle_window rows
     -> batch, and pad a final partial batch with empty rows
+    -> (data.worker_count > 0) all of the above in worker processes, each on its slice of the
+       documents, their batches taken in turn
     -> DataIterator with JSON-serialisable get_state / set_state
+
+Why interleave: a document (a source file) packs into many consecutive rows, so a plain
+document stream fills whole windows, batches and steps from a few documents. Measured on the
+default job (200 steps of 8 x 128 tokens of the stdlib corpus): without it, training read 39
+of 1,724 files, its loss fell on text it had just seen, and validation loss ended 1.6 nats
+above it. With 256 streams, every row of a window comes from a different document and a
+document gives at most one row in 256. Validation is shuffled the same way with a fixed seed,
+so that its first `eval_batches` are a sample of every validation document, the same each time.
 
 Documents are dicts ``{'tokens': int32[n], 'loss_mask': float32[n] (optional)}``
 where ``loss_mask[i]`` says whether token ``i`` is trained on (predicted from
@@ -117,6 +129,7 @@ def check_section(data: Any, tokenizer: Any) -> None:
   require(0.0 <= data.val_fraction < 1.0, f"data.val_fraction={data.val_fraction} must be in [0, 1); use e.g. 0.02.")
   require(data.process_sharding in PROCESS_SHARDING,
           f"data.process_sharding={data.process_sharding!r} is not known; use one of {PROCESS_SHARDING}.")
+  require(isinstance(data.interleave, int) and data.interleave >= 1, f"data.interleave={data.interleave!r} must be a positive integer (1 = one document at a time).")
   for key in ("max_files", "max_bytes", "worker_count", "read_threads"):
     require(isinstance(data[key], int) and data[key] >= 0, f"data.{key}={data[key]!r} must be a non-negative integer.")
 
@@ -199,6 +212,45 @@ def pack_documents(docs, seq_len: int, **kwargs) -> grain.IterDataset:
   ds = docs if isinstance(docs, grain.MapDataset) else grain.MapDataset.source(list(docs))
   ds = ds.map(document_to_example).to_iter_dataset(grain.ReadOptions(num_threads=0))
   return pack_examples(ds, seq_len, **kwargs)
+
+
+class _InterleaveRowsIterator(grain.DatasetIterator):
+  """Takes one element from each of its parents in turn, skipping exhausted ones."""
+
+  def __init__(self, parents: list[grain.DatasetIterator]):
+    super().__init__(parents)
+    self._next = 0
+    self._exhausted = [False] * len(parents)
+
+  def __next__(self):
+    for _ in range(len(self._parents)):
+      i = self._next
+      self._next = (i + 1) % len(self._parents)
+      if self._exhausted[i]:
+        continue
+      try:
+        return next(self._parents[i])
+      except StopIteration:
+        self._exhausted[i] = True
+    raise StopIteration
+
+  def get_state(self):
+    return {"next": self._next, "exhausted": list(self._exhausted),
+            "streams": [p.get_state() for p in self._parents]}
+
+  def set_state(self, state):
+    self._next = state["next"]
+    self._exhausted = list(state["exhausted"])
+    for parent, parent_state in zip(self._parents, state["streams"]):
+      parent.set_state(parent_state)
+
+
+class InterleaveRows(grain.IterDataset):
+  """Rows from several packed streams, one from each in turn (round robin; exhausted streams
+  are skipped). Deterministic and restorable; grain worker processes slice its sources."""
+
+  def __iter__(self):
+    return _InterleaveRowsIterator([iter(p) for p in self.parents])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,24 +338,32 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+# Validation documents and rows are shuffled with this seed, whatever config.seed: every run
+# evaluates on the same sample of the validation split.
+VALIDATION_SEED = 0
+
+
 def record_stream(records, data_config: Any, split: str, *, seed: int, num_epochs: int | None, process_index: int,
-                  process_count: int) -> tuple[grain.MapDataset, bool, int | None]:
-  """``(dataset, shuffle, num_epochs)``: the records of ``split`` as this process reads them:
-  the train split globally shuffled with ``seed`` (``data.shuffle``) and reshuffled every epoch,
-  repeated ``num_epochs`` times (None: forever for train, once for the other splits), then this
+                  process_count: int, shuffle_validation: bool = False) -> tuple[grain.MapDataset, int | None, int | None]:
+  """``(dataset, shuffle_seed, num_epochs)``: the records of ``split`` as this process reads them:
+  with ``data.shuffle``, the train split globally shuffled with ``seed`` and reshuffled every epoch,
+  the other splits in stored order or, with ``shuffle_validation``, shuffled once with
+  ``VALIDATION_SEED`` (``shuffle_seed``: the seed used, None for stored order); repeated ``num_epochs`` times (None: forever for train, once for the other splits), then this
   process's share (every ``process_count``-th record from ``process_index``)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
   train = split == "train"
-  shuffle = bool(train and data_get(data_config, "shuffle"))
+  shuffle_seed = None
+  if data_get(data_config, "shuffle") and (train or shuffle_validation):
+    shuffle_seed = seed if train else VALIDATION_SEED
   if num_epochs is None and not train:
     num_epochs = 1
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be None (forever) or >= 1 but is {num_epochs}.")
   ds = grain.MapDataset.source(records)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  return ds.repeat(num_epochs)[process_index::process_count], shuffle, num_epochs
+  if shuffle_seed is not None:
+    ds = ds.shuffle(seed=shuffle_seed)
+  return ds.repeat(num_epochs)[process_index::process_count], shuffle_seed, num_epochs
 
 
 def make_iterator(
@@ -326,12 +386,13 @@ def make_iterator(
       ``max_bytes``, ``val_fraction``, ``text_key``, ``<split>_split``), plus
       ``format`` ('text': one document per record; see ``DOCUMENT_FORMATS``),
       ``shuffle`` (True: seeded global shuffle of the train split, then packed rows
-      shuffled within windows of ``shuffle_window`` rows),
+      shuffled within windows of ``shuffle_window`` rows; the other splits the same with
+      ``VALIDATION_SEED``), ``interleave`` (documents packed at once, rows taken in turn),
       ``packing`` ('concat' | 'first_fit'), ``worker_count`` (0: tokenize in
       this process), ``read_threads`` (0).
     tokenizer: any :class:`Tokenizer`.
     split: 'train' or 'validation' (or another split of a TFDS dataset).
-      Non-train splits are read in stored order, unshuffled, once by default.
+      Non-train splits are read once by default, in the same order every time.
     seq_len, batch_size: each array is ``[batch_size, seq_len]``
       (``batch_size`` per process).
     seed: shuffle seed (0 <= seed < 2**32); each epoch is reshuffled.
@@ -349,8 +410,9 @@ def make_iterator(
   source, identity = open_split(data_config, split)
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of {identity} is empty; use a split with documents.")
-  ds, shuffle, num_epochs = record_stream(source, data_config, split, seed=seed, num_epochs=num_epochs,
-                                          process_index=process_index, process_count=process_count)
+  ds, shuffle_seed, num_epochs = record_stream(source, data_config, split, seed=seed, num_epochs=num_epochs,
+                                               process_index=process_index, process_count=process_count,
+                                               shuffle_validation=True)
   packing = data_get(data_config, "packing")
   workers = int(data_get(data_config, "worker_count"))
   pad_id = tokenizer.pad_id
@@ -363,29 +425,35 @@ def make_iterator(
     if fmt not in instruct_lib.FORMATS:
       raise ValueError(f"data.template is set but data.format={fmt!r} takes no template; use 'alpaca' or 'chat', or clear data.template.")
     document_fn = functools.partial(document_fn, template=template)
-  ds = ds.map(RecordToExample(tokenizer, document_fn, data_get(data_config, "text_key")))
+  to_example = RecordToExample(tokenizer, document_fn, data_get(data_config, "text_key"))
   read_threads = int(data_get(data_config, "read_threads"))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 4 * read_threads)))
-  if workers > 0:
+  read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 4 * read_threads))
+  num_bins = int(data_get(data_config, "packing_bins"))
+  streams = int(data_get(data_config, "interleave"))
+  packed = [pack_examples(part.map(to_example).to_iter_dataset(read), seq_len, method=packing, pad_id=pad_id,
+                          num_bins=num_bins)
+            for part in ([ds[i::streams] for i in range(streams)] if streams > 1 else [ds])]
+  it_ds = InterleaveRows(packed) if streams > 1 else packed[0]
+  window = int(data_get(data_config, "shuffle_window")) if shuffle_seed is not None else 0
+  if window > 1:  # rows of one long document would otherwise fill whole batches
+    it_ds = grain.experimental.WindowShuffleIterDataset(it_ds, window_size=window, seed=shuffle_seed)
+  it_ds = it_ds.batch(batch_size, drop_remainder=False).map(PadBatch(batch_size, pad_id))
+  if workers > 0:  # each worker runs these steps on its slice of the documents; batches in turn
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  it_ds = pack_examples(it_ds, seq_len, method=packing, pad_id=pad_id, num_bins=int(data_get(data_config, "packing_bins")))
-  window = int(data_get(data_config, "shuffle_window")) if shuffle else 0
-  if window > 1:  # rows of one long document would otherwise fill whole batches
-    it_ds = grain.experimental.WindowShuffleIterDataset(it_ds, window_size=window, seed=seed)
-  it_ds = it_ds.batch(batch_size, drop_remainder=False).map(PadBatch(batch_size, pad_id))
   fingerprint = dict(
       data=identity,
       split=split,
       seq_len=seq_len,
       batch_size=batch_size,
-      seed=seed if shuffle else None,
-      shuffle=shuffle,
+      seed=shuffle_seed,
+      shuffle=shuffle_seed is not None,
       process_index=process_index,
       process_count=process_count,
       num_epochs=num_epochs,
       packing=packing,
       shuffle_window=window,
+      interleave=streams,
       format=fmt,
       worker_count=workers,
       vocab_size=tokenizer.vocab_size,

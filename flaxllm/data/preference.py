@@ -355,7 +355,7 @@ def _iterator(kind: str, data_config: Any, tokenizer: Tokenizer, *, split: str, 
       log.warning("%d of %d pairs of %s have chosen equal to rejected; they are kept but give DPO "
                   "zero gradient (truncation_stats counts them), so drop them from the data to "
                   "use every row.", identical, len(records), identity)
-  ds, shuffle, num_epochs = pipeline_lib.record_stream(
+  ds, shuffle_seed, num_epochs = pipeline_lib.record_stream(
       list(enumerate(records)), data_config, split, seed=seed, num_epochs=num_epochs,
       process_index=process_index, process_count=process_count)
   template = data_get(data_config, "template")
@@ -372,8 +372,8 @@ def _iterator(kind: str, data_config: Any, tokenizer: Tokenizer, *, split: str, 
       max_prompt_len=max_prompt_len,
       template=template,
       batch_size=batch_size,
-      seed=seed if shuffle else None,
-      shuffle=shuffle,
+      seed=shuffle_seed,
+      shuffle=shuffle_seed is not None,
       process_index=process_index,
       process_count=process_count,
       num_epochs=num_epochs,

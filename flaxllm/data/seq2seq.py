@@ -280,7 +280,7 @@ def make_pair_iterator(
   if not records:
     raise ValueError(f"Split {split!r} of {identity} has no pairs; add records, raise "
                      "data.max_files or change data.val_fraction.")
-  ds, shuffle, num_epochs = pipeline_lib.record_stream(
+  ds, shuffle_seed, num_epochs = pipeline_lib.record_stream(
       records, data_config, split, seed=seed, num_epochs=num_epochs,
       process_index=process_index, process_count=process_count)
   source_key, target_key = _keys(data_config)
@@ -296,8 +296,8 @@ def make_pair_iterator(
       source_len=source_len,
       target_len=target_len,
       batch_size=batch_size,
-      seed=seed if shuffle else None,
-      shuffle=shuffle,
+      seed=shuffle_seed,
+      shuffle=shuffle_seed is not None,
       process_index=process_index,
       process_count=process_count,
       num_epochs=num_epochs,

@@ -26,6 +26,7 @@ import tempfile
 from typing import Any, Iterable, Iterator, Sequence
 
 from ml_collections import ConfigDict
+import numpy as np
 import sentencepiece as spm
 
 from flaxllm.data import corpus as corpus_lib
@@ -67,6 +68,11 @@ class Tokenizer(abc.ABC):
   def pad_id(self) -> int:
     ...
 
+  def token_bytes(self) -> np.ndarray:
+    """UTF-8 bytes of the text each id stands for, int32 [vocab_size] (0 for special ids): the
+    bytes a prediction of it encodes, for validation loss in bits per byte."""
+    return np.asarray([len(self.decode([i]).encode("utf-8")) for i in range(self.vocab_size)], np.int32)
+
 
 class ByteTokenizer(Tokenizer):
   """UTF-8 bytes as tokens: ids 0, 1, 2 are PAD, BOS, EOS and byte ``b`` is ``b + 3``.
@@ -98,6 +104,9 @@ class ByteTokenizer(Tokenizer):
   @property
   def eos_id(self) -> int:
     return 2
+
+  def token_bytes(self) -> np.ndarray:
+    return np.asarray([0] * self.NUM_SPECIAL + [1] * 256, np.int32)
 
   def __repr__(self) -> str:
     return "ByteTokenizer(vocab_size=259)"
@@ -172,6 +181,13 @@ class SentencePieceTokenizer(Tokenizer):
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
+
+  def token_bytes(self) -> np.ndarray:
+    """As `Tokenizer.token_bytes`, from the pieces: a byte piece <0xNN> is one byte, '▁' a space."""
+    sp = self._sp
+    sizes = [0 if sp.is_control(i) or sp.is_unknown(i) else 1 if sp.is_byte(i)
+             else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")) for i in range(self.vocab_size)]
+    return np.asarray(sizes, np.int32)
 
   def __getstate__(self):
     return {"proto": self._proto, "path": self.path, "cached": self.cached}

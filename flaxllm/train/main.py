@@ -68,11 +68,12 @@ def resolve_workdir(workdir: str) -> str:
 
 
 def validation_line(result: dict) -> str:
-  """'validation loss L, perplexity P (N tokens)'; a pairwise loss (no perplexity) counts
-  examples (pairs)."""
+  """'validation loss L nats (B bits per byte), perplexity P (N tokens)'; a pairwise loss (no
+  perplexity) counts examples (pairs)."""
   if 'val_ppl' in result:
-    return (f'validation loss {result["val_loss"]:.4f}, perplexity {result["val_ppl"]:.2f} '
-            f'({result["val_tokens"]} tokens)')
+    bpb = f' ({result["val_bpb"]:.4f} bits per byte)' if 'val_bpb' in result else ''
+    return (f'validation loss {result["val_loss"]:.4f} nats{bpb}, perplexity '
+            f'{result["val_ppl"]:.2f} ({result["val_tokens"]} tokens)')
   return f'validation loss {result["val_loss"]:.4f} ({result["val_tokens"]} examples)'
 
 
@@ -98,7 +99,7 @@ def _train(argv) -> int:
     if 'sample' in summary:
       print(f'--- sample (prompt {config.sample.prompt!r}) ---\n{summary["sample"]}\n---')
     extra = {k: v for k, v in summary.items() if k not in (
-        'step', 'complete', 'preempted', 'sample', 'val_loss', 'val_ppl', 'val_tokens')}
+        'step', 'complete', 'preempted', 'sample', 'val_loss', 'val_ppl', 'val_bpb', 'val_tokens')}
     parts = [f'{k} {v:.4g}' for k, v in extra.items()]
     if 'val_loss' in summary:
       parts.insert(0, validation_line(summary))

@@ -230,6 +230,7 @@ def train(config, workdir: str, devices=None, hooks: Sequence[Hook] = ()) -> dic
     val_iter = feed.iterator('validation')
     closing.callback(val_iter.close)
     val_start = val_iter.get_state()
+    token_bytes = tokenizer.token_bytes()
     batch_hook = objective.batch_hook(  # per-step host work of the objective, if any
         tokenizer, feed.rows if jax.process_count() > 1 else slice(None))
 
@@ -239,9 +240,9 @@ def train(config, workdir: str, devices=None, hooks: Sequence[Hook] = ()) -> dic
       result = {}
       if programs.eval_step is not None:
         val_iter.set_state(val_start)
-        result = evaluate(programs.eval_step, state.params, frozen,
-                          (feed.to_mesh(b) for _, b in zip(range(config.eval_batches),
-                                                           val_iter)), objective.token_ce)
+        result = evaluate(programs.eval_step, state.params, frozen, feed,
+                          (b for _, b in zip(range(config.eval_batches), val_iter)),
+                          objective.token_ce, token_bytes)
       result = {**result, **objective.eval_metrics(lambda: whole(plain_params()), tokenizer)}
       for hook in hooks:
         result.update(hook(step, lambda: whole(plain_params()), tokenizer))
@@ -327,7 +328,7 @@ def train(config, workdir: str, devices=None, hooks: Sequence[Hook] = ()) -> dic
         writer.advance(step)
         if do_eval:
           last_eval = validate(step)
-          writer.write(step, last_eval, show=('loss', 'val_loss', 'val_ppl'))
+          writer.write(step, last_eval, show=('loss', 'val_loss', 'val_bpb', 'val_ppl'))
           window[0] = time.perf_counter()
         if do_ckpt:
           save(step)
@@ -414,17 +415,30 @@ class DataFeed:
     return self.shard_batch(self.local(host_batch))
 
 
-def evaluate(eval_step, params, frozen, batches, token_ce: bool = True) -> dict:
-  """val_loss (the objective per token), val_tokens, val_ppl (only where the loss is a
-  cross-entropy per token: `token_ce`) and every other sum of the eval LossFn per token as
-  val_<metric> (as the train step names them) over the sharded `batches`."""
-  sums = jax.device_get([eval_step(params, batch, frozen) for batch in batches])
+def evaluate(eval_step, params, frozen, feed: 'DataFeed', host_batches, token_ce: bool = True,
+             token_bytes: np.ndarray | None = None) -> dict:
+  """val_loss (the objective per token), val_tokens, val_ppl and, given the tokenizer's
+  `token_bytes`, val_bpb (bits per UTF-8 byte of the predicted text: the summed cross-entropy
+  over ln 2 x the bytes of the target tokens, so runs with different tokenizers compare; only
+  where the loss is a cross-entropy per token: `token_ce`), and every other sum of the eval
+  LossFn per token as val_<metric> (as the train step names them), over `host_batches`."""
+  sums, target_bytes = [], 0
+  for batch in host_batches:
+    sums.append(eval_step(params, feed.to_mesh(batch), frozen))
+    if token_ce and token_bytes is not None:
+      local = feed.local(batch)
+      target_bytes += int(np.sum(token_bytes[local['targets']] * (local['loss_mask'] > 0)))
+  sums = jax.device_get(sums)
   total = {k: float(sum(s[k] for s in sums)) for k in sums[0]}
   if not total['tokens']:
     raise TrainError('the validation split has no tokens; raise data.val_fraction or add files.')
   result = {f'val_{k}': float(v) for k, v in step_lib.per_token_metrics(total).items()}
   if token_ce:
     result['val_ppl'] = math.exp(min(result['val_loss'], 700.0))
+    if token_bytes is not None:
+      if jax.process_count() > 1:
+        target_bytes = int(np.sum(multihost_utils.process_allgather(np.array([target_bytes]))))
+      result['val_bpb'] = total['ce'] / (math.log(2) * max(target_bytes, 1))
   return {**result, 'val_tokens': int(total['tokens'])}
 
 
@@ -455,9 +469,9 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None,
   feed = DataFeed(config, programs, tokenizer)
   val_iter = feed.iterator('validation')
   try:
-    result = evaluate(programs.eval_step, state.params, frozen,
-                      (feed.to_mesh(b) for _, b in zip(range(batches or config.eval_batches),
-                                                       val_iter)), programs.objective.token_ce)
+    result = evaluate(programs.eval_step, state.params, frozen, feed,
+                      (b for _, b in zip(range(batches or config.eval_batches), val_iter)),
+                      programs.objective.token_ce, tokenizer.token_bytes())
   finally:
     val_iter.close()
   return {'step': step, **result}
