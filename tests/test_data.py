@@ -333,3 +333,37 @@ def test_worker_processes_give_the_same_batches_and_restore(small_stdlib):
     _assert_same(_take(fresh, 5), expected[3:])
   finally:
     fresh.close()
+
+
+def test_long_documents_do_not_fill_the_steps(tmp_path):
+  """The cause of the default job's train/validation gap, and its guard: documents that pack
+  into many rows (source files) filled whole windows of rows with a handful of documents, so a
+  short run trained on a few files and its training loss fell on text it had just seen. With
+  `data.interleave` the rows of every batch come from as many documents as it allows, and the
+  first rows of validation sample its documents rather than the first one."""
+  root = tmp_path / "long_docs"
+  root.mkdir()
+  for i in range(40):  # document i: '<i>\n' over and over, ~94 rows of 32 bytes
+    (root / f"doc{i:02d}.txt").write_text(f"{i:03d}\n" * 750)
+  tok = data.ByteTokenizer()
+  base = {"source": "text", "path": str(root), "data_dir": str(tmp_path / "tfds"), "val_fraction": 0.2,
+          "shuffle_window": 16}
+
+  def documents_per_batch(split, interleave, batches=20):
+    it = data.make_iterator(dict(base, interleave=interleave), tok, split=split, seq_len=32, batch_size=8, seed=0)
+    out = []
+    for batch in _take(it, batches):
+      docs = set()
+      for row, mask in zip(batch["targets"], batch["loss_mask"]):
+        text = tok.decode(row[mask > 0])
+        docs |= {int(line) for line in text.split("\n")[1:-1] if len(line) == 3}
+      out.append(docs)
+    return out
+
+  one_at_a_time = documents_per_batch("train", interleave=1)
+  assert len(set().union(*one_at_a_time)) <= 3          # 160 rows of training from <= 3 files
+  interleaved = documents_per_batch("train", interleave=16)
+  assert len(set().union(*interleaved)) >= 16
+  assert min(len(d) for d in interleaved) >= 5          # every batch of 8 rows: >= 5 documents
+  validation = documents_per_batch("validation", interleave=16, batches=2)
+  assert len(set().union(*validation)) >= 5             # the first 2 batches: several documents
