@@ -1,8 +1,10 @@
 """Attention kernels: forward and forward+backward TFLOP/s of the Pallas flash kernels against
-the XLA reference and cuDNN (`jax.nn.dot_product_attention(implementation='cudnn')`).
+the XLA reference and cuDNN (`jax.nn.dot_product_attention(implementation='cudnn')`), and of
+the blocked XLA path (`flaxllm.kernels.blocked_attention`, what CPUs run).
 
     .venv/bin/python bench/attention.py            # on a GPU (or TPU, without cuDNN)
     .venv/bin/python bench/attention.py --quick    # tiny shapes; runs on CPU in interpret mode
+    .venv/bin/python bench/attention.py --cpu      # CPU: blocked vs reference, float32
 
 Shapes follow the FlashAttention benchmarks: bf16, batch * seq = --tokens (16k) and
 heads * head_dim = --width (2048), for seq 1k..16k, head_dim 64 and 128, causal and not.
@@ -37,7 +39,9 @@ import numpy as np  # noqa: E402
 from flaxllm import kernels  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
-IMPLS = ('pallas', 'cudnn', 'xla')
+IMPLS = ('pallas', 'cudnn', 'blocked', 'xla')
+DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
+RATIOS = ('pallas/cudnn', 'pallas/xla', 'blocked/xla')
 
 
 def parse_args(argv=None):
@@ -52,10 +56,17 @@ def parse_args(argv=None):
   p.add_argument('--impls', default=','.join(IMPLS))
   p.add_argument('--reps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--dtype', default='bfloat16', choices=tuple(DTYPES))
+  p.add_argument('--cpu', action='store_true',
+                 help='the CPU comparison: blocked vs xla, float32, seq 128..2048, 8k tokens, '
+                      'width 512 (writes attention_cpu)')
   p.add_argument('--out', default=None, help='results path without extension ("" = skip)')
   args = p.parse_args(argv)
   if args.quick:
     args.seqs, args.tokens, args.width, args.reps, args.warmup = '64,128', 256, 128, 2, 1
+  if args.cpu:
+    args.seqs, args.tokens, args.width, args.head_dims = '128,256,512,1024,2048', 8192, 512, '64'
+    args.impls, args.dtype, args.reps = 'blocked,xla', 'float32', 5
   return args
 
 
@@ -66,6 +77,8 @@ def attention_fn(impl, causal):
   if impl == 'cudnn':
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                         implementation='cudnn')
+  if impl == 'blocked':
+    return functools.partial(kernels.blocked_attention, causal=causal)
   return functools.partial(kernels.reference_attention, causal=causal)
 
 
@@ -97,12 +110,12 @@ def flops(batch, seq, heads, head_dim, causal, mode):
   return f if mode == 'fwd' else 3.5 * f
 
 
-def inputs(batch, seq, heads, kv_heads, head_dim, seed=0):
+def inputs(batch, seq, heads, kv_heads, head_dim, seed=0, dtype=jnp.bfloat16):
   ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (batch, seq, heads, head_dim), jnp.bfloat16)
-  k = jax.random.normal(ks[1], (batch, seq, kv_heads, head_dim), jnp.bfloat16)
-  v = jax.random.normal(ks[2], (batch, seq, kv_heads, head_dim), jnp.bfloat16)
-  do = jax.random.normal(ks[3], (batch, seq, heads, head_dim), jnp.bfloat16)
+  q = jax.random.normal(ks[0], (batch, seq, heads, head_dim), dtype)
+  k = jax.random.normal(ks[1], (batch, seq, kv_heads, head_dim), dtype)
+  v = jax.random.normal(ks[2], (batch, seq, kv_heads, head_dim), dtype)
+  do = jax.random.normal(ks[3], (batch, seq, heads, head_dim), dtype)
   return q, k, v, do
 
 
@@ -116,7 +129,8 @@ def check_outputs(impls, head_dims, args):
   errors = {}
   for d in head_dims:
     heads = args.width // d
-    q, k, v, do = inputs(max(1, args.tokens // seq), seq, heads, args.kv_heads or heads, d)
+    q, k, v, do = inputs(max(1, args.tokens // seq), seq, heads, args.kv_heads or heads, d,
+                         dtype=DTYPES[args.dtype])
     want = [np.asarray(x, np.float32)
             for x in compiled('xla', True, 'fwd+bwd', q, k, v, do)(q, k, v, do)]
     for impl in impls:
@@ -151,7 +165,7 @@ def main(argv=None):
                                for m in ('fwd', 'fwd+bwd')]:
     heads = args.width // d
     batch = max(1, args.tokens // seq)
-    q, k, v, do = inputs(batch, seq, heads, args.kv_heads or heads, d)
+    q, k, v, do = inputs(batch, seq, heads, args.kv_heads or heads, d, dtype=DTYPES[args.dtype])
     row = dict(head_dim=d, seq=seq, batch=batch, heads=heads, causal=causal, mode=mode)
     for impl in impls:
       try:
@@ -162,21 +176,22 @@ def main(argv=None):
       except Exception as e:  # noqa: BLE001 - e.g. out of memory; recorded, not fatal
         row[impl] = None
         row[impl + '_error'] = short_error(e)
-    for base in ('cudnn', 'xla'):
-      if row.get('pallas') and row.get(base):
-        row[f'pallas/{base}'] = row['pallas'] / row[base]
+    for fast, base in (('pallas', 'cudnn'), ('pallas', 'xla'), ('blocked', 'xla')):
+      if row.get(fast) and row.get(base):
+        row[f'{fast}/{base}'] = row[fast] / row[base]
     rows.append(row)
     print(format_row(row, impls), flush=True)
 
   result = dict(device_kind=kind, backend=jax.default_backend(), jax=jax.__version__,
                 date=datetime.datetime.now().isoformat(timespec='seconds'),
-                command=' '.join(sys.argv), quick=args.quick, check_vs_xla=errors,
+                command=' '.join(sys.argv), quick=args.quick, dtype=args.dtype,
+                machine_load_avg_1min=os.getloadavg()[0], check_vs_xla=errors,
                 block_sizes={str(d): kernels.default_block_sizes(None, d).__dict__
                              for d in head_dims},
                 rows=rows)
   out = args.out
   if out is None:
-    slug = re.sub(r'[^a-z0-9]+', '_', kind.lower()).strip('_') or 'unknown'
+    slug = 'cpu' if args.cpu else re.sub(r'[^a-z0-9]+', '_', kind.lower()).strip('_') or 'unknown'
     out = os.path.join(RESULTS, f'attention_{slug}{"_quick" if args.quick else ""}')
   if out:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -196,18 +211,21 @@ def format_row(row, impls):
   cells = [f"d={row['head_dim']:<4}", f"seq={row['seq']:<6}",
            f"{'causal' if row['causal'] else 'full':<6}", f"{row['mode']:<8}"]
   cells += [f'{impl}={_fmt(row.get(impl))}' for impl in impls]
-  cells += [f'{k}={row[k]:.2f}x' for k in ('pallas/cudnn', 'pallas/xla') if k in row]
+  cells += [f'{k}={row[k]:.2f}x' for k in RATIOS if k in row]
   cells += [f"{impl}: {row[impl + '_error']}" for impl in impls if impl + '_error' in row]
   return '  '.join(cells)
 
 
 def markdown(result, impls):
-  ratios = [k for k in ('pallas/cudnn', 'pallas/xla') if any(k in r for r in result['rows'])]
+  ratios = [k for k in RATIOS if any(k in r for r in result['rows'])]
   head = ['head_dim', 'seq', 'mask', 'pass', *[f'{i} TFLOP/s' for i in impls], *ratios]
   lines = [f"# Attention kernels on {result['device_kind']}",
            '',
-           f"jax {result['jax']}, {result['date']}, `{result['command']}`. bf16, "
-           'batch * seq = const, causal FLOPs halved, backward = 2.5x forward FLOPs.',
+           f"jax {result['jax']}, {result['date']}, `{result['command']}`. "
+           f"{result.get('dtype', 'bfloat16')}, batch * seq = const, causal FLOPs halved, "
+           'backward = 2.5x forward FLOPs (the same count for every implementation, so a '
+           'blocked path that skips work shows it as more FLOP/s). 1-min load average at the '
+           f"end: {result.get('machine_load_avg_1min', float('nan')):.1f}.",
            '',
            '| ' + ' | '.join(head) + ' |',
            '|' + '---|' * len(head)]
