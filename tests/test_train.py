@@ -335,7 +335,7 @@ def test_default_config_loss_falls_and_prints_sample_and_perplexity(env, capsys)
           '--config.wandb.mode=disabled', '--config.sample.max_new_tokens=4']
   assert main_lib.train_main(argv) == 0
   out = capsys.readouterr().out
-  assert '--- sample (prompt \'def \') ---\ndef ' in out
+  assert '--- sample (prompt \'def\') ---\ndef' in out
   assert 'validation loss' in out and 'bits per byte' in out and 'perplexity' in out
   losses, _ = _losses(workdir)
   assert np.mean([losses[s] for s in (8, 9, 10)]) < losses[1] - 0.5
