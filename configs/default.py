@@ -54,6 +54,7 @@ def get_config(arg=None):
     config.eval_every = 400
     config.eval_batches = 8
     config.ckpt_every = 200
+    config.loss_chunk_size = 64   # the fused head + loss: ~10% faster train steps here
     config.sample.temperature = 0.6
     config.sample.prompt = 'def'    # not 'def ': a trailing space is a SentencePiece token of its own,
     #                                 rare in training text ('def 1():' follows it)

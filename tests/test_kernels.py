@@ -316,15 +316,16 @@ def test_blocked_skips_the_keys_above_the_diagonal():
 
 
 def test_auto_on_cpu_is_blocked_also_for_a_prefill_into_a_fresh_cache():
-  """impl='auto' on CPU takes the blocked path for training shapes; with a traced offset (a KV
-  cache) a prefill at slot 0 is attended blocked over the new keys, any other slot by the
-  reference, both equal to the reference."""
+  """impl='auto' on CPU takes the blocked path for more than one block of queries, causal or
+  not; with a traced offset (a KV cache) a prefill at slot 0 is attended blocked over the new
+  keys, any other slot by the reference, both equal to the reference."""
   q, k, v, _ = make_inputs(3, batch=2, seq_q=160, seq_kv=160, heads=4, kv_heads=2,
                            head_dim=16, dtype=jnp.float32)
-  auto = lambda q, k, v: kernels.attention(q, k, v, causal=True)  # noqa: E731
-  assert 'concatenate' in str(jax.make_jaxpr(auto)(q, k, v))     # query blocks joined
-  np.testing.assert_allclose(run(auto, q, k, v), reference_attention(q, k, v, causal=True),
-                             atol=1e-5, rtol=1e-5)
+  for causal in (True, False):   # without a mask to skip, query blocks still run faster
+    auto = lambda q, k, v: kernels.attention(q, k, v, causal=causal)  # noqa: E731
+    assert 'concatenate' in str(jax.make_jaxpr(auto)(q, k, v))   # query blocks joined
+    np.testing.assert_allclose(run(auto, q, k, v), reference_attention(q, k, v, causal=causal),
+                               atol=1e-5, rtol=1e-5)
   kh, vh = k.swapaxes(1, 2), v.swapaxes(1, 2)                   # a cache of 160 slots
   segs = jnp.asarray(np.repeat([[1] * 140 + [0] * 20], 2, 0), jnp.int32)
 

@@ -7,6 +7,7 @@ custom VJP), `decode` (KV-cache decoding), `options` (checks).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -53,34 +54,29 @@ def _auto_impl(q, k, q_offset, heads_major_kv):
 
 def _blocked_or_reference(q, k, v, *, causal, q_segment_ids, kv_segment_ids, q_offset, window,
                           softcap, sm_scale, heads_major_kv):
-  """'blocked' where it skips work (a causal or windowed mask over more than one query block),
-  else the reference. A traced q_offset (a KV cache) with several queries is a prefill: when the
-  offset is 0 at run time the new keys are the cache's first seq_q slots, attended blocked."""
-  kw = dict(causal=causal, window=window, softcap=softcap, sm_scale=sm_scale)
-  seq_q = q.shape[1]
-  if not (causal or window is not None) or seq_q <= DEFAULT_BLOCK_Q:
-    return reference_attention(q, k, v, q_segment_ids=q_segment_ids,
-                               kv_segment_ids=kv_segment_ids, q_offset=q_offset,
-                               heads_major_kv=heads_major_kv, **kw)
+  """'blocked' for more than one query block (it skips the keys a causal or windowed block
+  cannot see, and smaller logit tiles run faster on CPU for any mask), else the reference. A
+  traced q_offset (a KV cache) with several causal queries is a prefill: when the offset is 0 at
+  run time the new keys are the cache's first seq_q slots, attended blocked."""
+  kw = dict(causal=causal, window=window, softcap=softcap, sm_scale=sm_scale,
+            heads_major_kv=heads_major_kv)
+  seq_q, seq_kv = q.shape[1], k.shape[2 if heads_major_kv else 1]
+  reference = functools.partial(reference_attention, q, k, v, q_segment_ids=q_segment_ids,
+                                kv_segment_ids=kv_segment_ids, q_offset=q_offset, **kw)
+  if seq_q <= DEFAULT_BLOCK_Q:
+    return reference()
   if _static_offset(q_offset):
     return blocked_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                             q_offset=int(q_offset), heads_major_kv=heads_major_kv, **kw)
-  seq_kv = k.shape[2 if heads_major_kv else 1]
+                             q_offset=int(q_offset), **kw)
   if not causal or seq_q > seq_kv:
-    return reference_attention(q, k, v, q_segment_ids=q_segment_ids,
-                               kv_segment_ids=kv_segment_ids, q_offset=q_offset,
-                               heads_major_kv=heads_major_kv, **kw)
+    return reference()
   new = (slice(None), slice(None), slice(0, seq_q)) if heads_major_kv else (
       slice(None), slice(0, seq_q))
   kv_new_segments = None if kv_segment_ids is None else kv_segment_ids[:, :seq_q]
-  return lax.cond(
-      q_offset == 0,
-      lambda: blocked_attention(q, k[new], v[new], q_segment_ids=q_segment_ids,
-                                kv_segment_ids=kv_new_segments, q_offset=0,
-                                heads_major_kv=heads_major_kv, **kw),
-      lambda: reference_attention(q, k, v, q_segment_ids=q_segment_ids,
-                                  kv_segment_ids=kv_segment_ids, q_offset=q_offset,
-                                  heads_major_kv=heads_major_kv, **kw))
+  return lax.cond(q_offset == 0,
+                  lambda: blocked_attention(q, k[new], v[new], q_segment_ids=q_segment_ids,
+                                            kv_segment_ids=kv_new_segments, q_offset=0, **kw),
+                  reference)
 
 
 def cudnn_arguments(*, causal, q_segment_ids, kv_segment_ids, q_offset, window, softcap,
@@ -112,8 +108,8 @@ def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
   get a transposed copy). See `flaxllm.kernels.reference` for the masking convention.
 
   'xla': `reference_attention`. 'blocked': `blocked_attention` (the reference one query block
-  at a time against only the keys the block may see) where a causal or windowed mask lets it
-  skip work, including a prefill against a fresh KV cache; the reference elsewhere. 'cudnn': `jax.nn.dot_product_attention(implementation=
+  at a time against only the keys the block may see) for more than one block of queries,
+  including a causal prefill against a fresh KV cache; the reference elsewhere. 'cudnn': `jax.nn.dot_product_attention(implementation=
   'cudnn')`, for masks it can express (no soft-cap, segment ids or q_offset). 'pallas':
   `flash_attention` when q_offset is a Python int, else `decode_attention` (a traced
   offset: decoding against a KV cache; forward only). 'auto': Pallas on GPU/TPU for
