@@ -25,11 +25,13 @@ train: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest tests $(ARGS)
 
-# CPU benchmarks (results go to bench/results/); attention and AOT memory need a GPU / libtpu
-# to mean much: run bench/attention.py and bench/aot_memory.py by hand there.
+# CPU benchmarks (results go to bench/results/); on a GPU run bench/gpu_check.sh, and
+# bench/aot_memory.py where libtpu is installed.
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/model_speed.py $(ARGS)
 	$(BIN)/python bench/train_speed.py $(ARGS)
+	$(BIN)/python bench/attention.py --cpu
+	$(BIN)/python bench/train_profile.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check flaxllm tests bench configs launch

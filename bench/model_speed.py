@@ -89,10 +89,15 @@ def timed(fn):
 
 
 def measure(flax_fn, torch_fn, reps, ntok):
-  """Alternating timed repetitions; medians, tokens/s and flaxllm/torch ratios."""
+  """Alternating timed repetitions; medians, tokens/s and flaxllm/torch ratios. Each timed call
+  follows an untimed call of the same framework, so that neither pays for waking its thread
+  pool and refilling the caches after the other one ran (measured here: XLA's step after a
+  torch step was up to 1.6x slower, torch's after XLA's up to 1.1x)."""
   runs = {'flaxllm': [], 'torch': []}
   for _ in range(reps):
+    flax_fn()
     runs['flaxllm'].append(timed(flax_fn))
+    torch_fn()
     runs['torch'].append(timed(torch_fn))
   out = {}
   for name, times in runs.items():
@@ -102,6 +107,11 @@ def measure(flax_fn, torch_fn, reps, ntok):
     out[f'{name}_tok_s'] = ntok / out[f'{name}_s']
   out['speedup'] = out['flaxllm_tok_s'] / out['torch_tok_s']
   out['cpu_time_ratio'] = out['torch_cpu_s'] / out['flaxllm_cpu_s']
+  # Each rep's torch / flaxllm time, the two timed back to back: the machine's speed drifts by
+  # up to 2x over minutes here, which the ratio of two medians does not cancel.
+  paired = sorted(t[0] / f[0] for f, t in zip(runs['flaxllm'], runs['torch']))
+  out['speedup_paired'] = {'median': statistics.median(paired), 'min': paired[0],
+                           'max': paired[-1]}
   return out
 
 
@@ -291,7 +301,8 @@ def markdown(r):
       f"{m['date']}. XLA_FLAGS={m['xla_flags'] or '(none)'}; "
       f"OMP_WAIT_POLICY={m['omp_wait_policy'] or '(default)'}.",
       f"Median of {r['reps']} repetitions after {r['warmup']} warm-up runs, the two frameworks "
-      'timed alternately in one process.',
+      'timed alternately in one process, each timed run after an untimed one of the same '
+      'framework.',
       '',
       '| benchmark | shape | flaxllm tok/s | torch tok/s | flaxllm / torch |',
       '|---|---|---:|---:|---:|',

@@ -56,13 +56,16 @@ def op_names(hlo_text: str) -> dict:
 
 
 def part_of(op_name: str) -> str:
-  """'bwd mlp/up_proj', 'fwd attn/...', 'fwd head', ... from an op_name."""
+  """'bwd mlp/up_proj', 'fwd attn/...', 'fwd head + loss (fused)', ... from an op_name."""
   direction = 'bwd' if 'transpose(' in op_name else 'fwd'
-  path = re.sub(r'layers_\d+/', '', op_name)
-  path = re.sub(r'^jit\([^)]*\)/', '', path)
-  path = re.sub(r'(transpose\()?(jvp\()?(Decoder)?\)*/?', '', path, count=1)
-  path = path.replace('Decoder.hidden_states/decoder/', '').replace('Decoder.', '')
-  return f"{direction} {'/'.join(path.split('/')[:2])}"
+  parts = [p for p in op_name.split('/')
+           if not re.match(r'(jit|jvp|transpose|pjit)\(', p) and p != 'decoder'
+           and not re.fullmatch(r'layers_\d+', p)]
+  if 'while' in parts:  # the chunked head + loss (a scan), forward and its pullback
+    return 'head + loss (fused, chunked)'
+  if 'p[' in op_name:
+    return f'{direction} parameter gathers'
+  return f"{direction} {'/'.join(parts[:2]) or '?'}"
 
 
 def kind_of(name: str) -> str:

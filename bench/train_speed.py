@@ -16,8 +16,9 @@ clipping at 1.0 and a per-token mean cross-entropy.
 Both forward passes (with the loss, no gradients) are timed too, to split the step into
 forward and backward + update.
 
-The two are timed alternately in one process (a rep of `--steps` steps each), so load from other
-processes hits both alike; the figures are medians over `--reps`. MFU = training FLOPs per token
+The two are timed alternately in one process (a rep of `--steps` steps each, after an untimed
+rep of the same framework), so load from other processes hits both alike; the figures are
+medians over `--reps`, with the per-repetition ratios (the two back to back) beside them. MFU = training FLOPs per token
 (`flaxllm.models.flops_per_token`: 6N + attention) x tokens/s / peak, with the peak measured in
 the same run as the best float32 [1024 x 1024] matmul FLOP/s of this CPU under XLA.
 """
@@ -167,7 +168,7 @@ def markdown(r):
   return '\n'.join([
       '# Training speed, CPU: flaxllm train step vs transformers (PyTorch)',
       '',
-      f"Model: `configs/default.py`, LLaMA {cfg['param_count'] / 1e6:.1f}M params "
+      f"Model: `{os.path.relpath(r['config'], ROOT)}`, LLaMA {cfg['param_count'] / 1e6:.1f}M params "
       f"({cfg['num_layers']} layers, d_model {cfg['d_model']}, {cfg['num_heads']} heads, mlp "
       f"{cfg['mlp_dim']}, vocab {cfg['vocab_size']}), float32; batch {r['batch']} x seq "
       f"{r['seq_len']}; AdamW + clipping in both; the same initial weights. torch attention: "
@@ -178,7 +179,8 @@ def markdown(r):
       f"transformers {m['transformers']}; {m['date']}. OMP_WAIT_POLICY="
       f"{m['omp_wait_policy'] or '(default)'}.",
       f"Median of {r['reps']} repetitions of {r['steps_per_rep']} steps after {r['warmup']} "
-      'warm-up repetitions, the two frameworks timed alternately in one process.',
+      'warm-up repetitions, the two frameworks timed alternately in one process, each timed '
+      'repetition after an untimed one of the same framework.',
       '',
       '| | tokens/s | step time | MFU |',
       '|---|---:|---:|---:|',
@@ -187,7 +189,9 @@ def markdown(r):
       f"| transformers (PyTorch) | {r['torch_tok_s']:.0f} | "
       f"{r['torch_s'] / r['steps_per_rep']:.3f} s | {r['torch_mfu']:.1%} |",
       '',
-      f"flaxllm / torch tokens/s: **{r['speedup']:.2f}x**; process CPU time torch / flaxllm: "
+      f"flaxllm / torch tokens/s: **{r['speedup']:.2f}x**; per repetition (the two back to back) "
+      f"median {r['speedup_paired']['median']:.2f}x, range {r['speedup_paired']['min']:.2f}-"
+      f"{r['speedup_paired']['max']:.2f}x; process CPU time torch / flaxllm: "
       f"{r['cpu_time_ratio']:.2f}x (less sensitive to other load).",
       f"Where the time goes (torch time / flaxllm time, same reps): forward pass with loss "
       f"{r['forward']['speedup']:.2f}x ({r['forward']['flaxllm_s'] / r['steps_per_rep']:.3f} s "
