@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import os
 import re
 import statistics
@@ -31,11 +30,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import model_speed  # noqa: E402  (bench/model_speed.py: write_results)
 from flaxllm import kernels  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
@@ -193,13 +194,7 @@ def main(argv=None):
   if out is None:
     slug = 'cpu' if args.cpu else re.sub(r'[^a-z0-9]+', '_', kind.lower()).strip('_') or 'unknown'
     out = os.path.join(RESULTS, f'attention_{slug}{"_quick" if args.quick else ""}')
-  if out:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + '.json', 'w') as f:
-      json.dump(result, f, indent=2)
-    with open(out + '.md', 'w') as f:
-      f.write(markdown(result, impls))
-    print(f'wrote {out}.json and {out}.md')
+  model_speed.write_results(out and os.path.abspath(out), result, markdown(result, impls))
   return result
 
 

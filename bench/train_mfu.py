@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import re
@@ -290,18 +289,11 @@ def main(argv=None):
       bytes_limit=run['bytes_limit'], peak_bytes_in_use=run['peak_bytes_in_use'],
       losses=run['losses'], remat_tried=tried,
       xla_python_client_mem_fraction=os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', ''))
-  table = markdown(result)
-  print(table)
   out = args.out
   if out is None:
     out = os.path.join(RESULTS, f'train_mfu_{slug(kind)}{"_tiny" if args.tiny else ""}')
-  if out:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + '.json', 'w') as f:
-      json.dump(result, f, indent=2)
-    with open(out + '.md', 'w') as f:
-      f.write(table)
-    log(f'wrote {out}.json and {out}.md')
+  import model_speed  # bench/model_speed.py: write_results
+  model_speed.write_results(out and os.path.abspath(out), result, markdown(result))
   return result
 
 
