@@ -331,8 +331,11 @@ def from_json(text: str) -> ConfigDict:
   """The ConfigDict of a stored config.json (tuples come back as lists, compared as lists).
   Keys added to base_config after the run was stored (e.g. `objective`, a new section) take
   their defaults, so older workdirs still resume and evaluate; a run stored before
-  `objective` existed that distilled is an `objective='distill'` run."""
+  `objective` existed that distilled is an `objective='distill'` run, one stored before
+  `data.interleave` read one document at a time (interleave 1)."""
   stored = json.loads(text)
+  if isinstance(stored.get('data'), dict) and 'interleave' not in stored['data']:
+    stored['data']['interleave'] = 1  # stored before data.interleave: one document at a time
   if 'objective' not in stored and (stored.get('distill', {}).get('teacher') or
                                     stored.get('distill', {}).get('offline_logits')):
     stored['objective'] = 'distill'

@@ -1,4 +1,5 @@
 """Experiment configs: files and variants, typed overrides, validation messages, resume checks."""
+import json
 import glob
 import os
 import re
@@ -131,3 +132,17 @@ def test_resume_compatibility_allows_only_safe_keys():
                                           r'started with .*; resume with the same value or use '
                                           r'a new --workdir\.$'):
       config_lib.check_resume_compatible(stored, _load(override), '/w')
+
+
+def test_a_run_stored_before_interleave_resumes_with_one_document_at_a_time():
+  """config.json of a run from before data.interleave reads as interleave 1 (its data states
+  are those of that pipeline): the default (64) is refused in one sentence naming the key, and
+  --config.data.interleave=1 resumes."""
+  stored = json.loads(config_lib.to_json(_load()))
+  del stored['data']['interleave']
+  old = config_lib.from_json(json.dumps(stored))
+  assert old.data.interleave == 1
+  with pytest.raises(ConfigError, match=r'^data\.interleave is 64 but the run in /w was started '
+                                        r'with 1; resume with the same value'):
+    config_lib.check_resume_compatible(old, _load(), '/w')
+  config_lib.check_resume_compatible(old, _load('data.interleave=1'), '/w')

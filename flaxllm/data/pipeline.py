@@ -453,7 +453,7 @@ def make_iterator(
       num_epochs=num_epochs,
       packing=packing,
       shuffle_window=window,
-      interleave=streams,
+      **({"interleave": streams} if streams > 1 else {}),  # 1: the earlier pipeline, its states
       format=fmt,
       worker_count=workers,
       vocab_size=tokenizer.vocab_size,
