@@ -79,10 +79,10 @@ def test_overrides_use_the_types_of_the_defaults():
                             r'batch_size a multiple of accum_steps\.'),
     ('optim.b2=1.0', r'optim\.b1=0\.9 and optim\.b2=1\.0 must be in \[0, 1\); use e\.g\. 0\.9 and '
                      r'0\.95\.'),
-    ('schedule.warmup_steps=400', r'schedule\.warmup_steps=400 exceeds total_steps={total}; '
+    ('schedule.warmup_steps=4000', r'schedule\.warmup_steps=4000 exceeds total_steps={total}; '
                                   r'lower the warmup or raise total_steps\.'),
     ('optim.wd_exclude=norm(', r"optim\.wd_exclude pattern 'norm\(' is not a valid regex"),
-    ('model.num_heads=7', r'model\.num_heads=7 does not divide model\.d_model=320; pick a divisor '
+    ('model.num_heads=7', r'model\.num_heads=7 does not divide model\.d_model=256; pick a divisor '
                           r'of d_model or set model\.head_dim\.'),
     ('model.mlp_activation=tanh', r"model\.mlp_activation='tanh' is not supported"),
     ('model.arch=encoder_decoder', r"model\.arch='encoder_decoder' uses absolute positions"),
