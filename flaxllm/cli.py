@@ -12,6 +12,7 @@
   flaxllm distill-data --mode=topk|sequences --teacher=DIR --out=DIR [--config=SPEC ...]
   flaxllm reward    --model=REWARD_RUN --data=pairs.jsonl         # a reward model's accuracy
   flaxllm reference-logps --config=DPO_SPEC --out=DIR            # DPO without a reference model
+  flaxllm self-instruct --endpoint=URL --model=NAME --num=N --out=FILE [--judge-threshold=S]
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ COMMANDS = {
     'distill-data': ('flaxllm.train.distill_data', 'main'),
     'reward': ('flaxllm.train.reward_cmd', 'main'),
     'reference-logps': ('flaxllm.train.reference_logps', 'main'),
+    'self-instruct': ('flaxllm.data.self_instruct_command', 'self_instruct_main'),
 }
 
 
