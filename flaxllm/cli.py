@@ -5,6 +5,7 @@
   flaxllm generate  --model=DIR --prompt="def " [--max-new-tokens=64 --temperature=0.8 ...]
   flaxllm serve     --model=DIR [--adapter=DIR --port=8000 --slots=8 --api-key=KEY]  # OpenAI API
   flaxllm convert   --from-hf=DIR --to=DIR   |   --from=DIR --to-hf=DIR
+                    | --from=DIR --to-gguf=FILE [--type=f32|f16|q8_0]   # llama.cpp
   flaxllm compile   --config=SPEC [--devices=64 | --target=tpu:v5e:8x8] [--budget=16GiB]
   flaxllm sweep     --config=experiments/scaling/sweep.py --workdir=runs/scaling [--workers=2]
                     | --config=SWEEP.py --export-wandb=sweep.yaml [--method=grid|random|bayes]
@@ -30,7 +31,7 @@ COMMANDS = {
     'eval': ('flaxllm.train.main', 'eval_main'),
     'generate': ('flaxllm.generate', 'generate_main'),
     'serve': ('flaxllm.serve.command', 'serve_main'),
-    'convert': ('flaxllm.interop.hf', 'convert_main'),
+    'convert': ('flaxllm.interop.convert', 'convert_main'),
     'compile': ('flaxllm.train.compile', 'main'),
     'sweep': ('flaxllm.sweeps.main', 'sweep_main'),
     'scaling': ('flaxllm.sweeps.main', 'scaling_main'),

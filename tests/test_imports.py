@@ -17,7 +17,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = {
     'flaxllm': 0, 'flaxllm.models': 0, 'flaxllm.kernels': 0, 'flaxllm.data': 0,
     'flaxllm.peft': 1, 'flaxllm.lora': 1, 'flaxllm.parallel': 1, 'flaxllm.interop': 1,
-    'flaxllm.rundir': 2, 'flaxllm.generate': 2,
+    'flaxllm.rundir': 2, 'flaxllm.generate': 2, 'flaxllm.interop.convert': 2,
     'flaxllm.objectives': 3,
     'flaxllm.train': 4, 'flaxllm.config': 4,
     'flaxllm.train.main': 5, 'flaxllm.train.compile': 5, 'flaxllm.train.distill_data': 5,

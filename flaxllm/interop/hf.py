@@ -862,7 +862,9 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog='flaxllm convert',
       description='Convert between Hugging Face (LLaMA, Mistral, GPT-2 safetensors) and '
-                  'flaxllm (model_config.json + orbax params/) checkpoint directories.')
+                  'flaxllm (model_config.json + orbax params/) checkpoint directories.',
+      epilog='A GGUF file for llama.cpp: flaxllm convert --from=DIR --to-gguf=FILE '
+             '[--type=f32|f16|q8_0] (--to-gguf=FILE --help for its flags).')
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument('--from-hf', metavar='HF_DIR', help='Hugging Face checkpoint to import.')
   src.add_argument('--from', dest='from_flaxllm', metavar='FLAXLLM_DIR',
