@@ -75,8 +75,10 @@ def test_jsonl_source_through_the_iterator(tmp_path):
   path = tmp_path / 'data.jsonl'
   many = [dict(r, instruction=f'{r["instruction"]} #{i}') for i in range(40) for r in RECORDS]
   path.write_text('\n'.join(json.dumps(r) for r in many) + '\n')
+  # One record at a time, rows in order: the first rows hold whole records (with 64 records
+  # interleaved and no row shuffle, the first 64 rows would be the records' prompt halves).
   cfg = {'source': 'jsonl', 'path': str(path), 'format': 'alpaca', 'val_fraction': 0.1,
-         'shuffle_window': 0}
+         'shuffle_window': 0, 'interleave': 1}
   train, _ = instruct.open_split(cfg, 'train')
   val, _ = instruct.open_split(cfg, 'validation')
   assert len(train) + len(val) == len(many) and 0 < len(val) < 30
