@@ -48,7 +48,9 @@ import orbax.checkpoint as ocp
 from flaxllm import models
 from flaxllm.data import tokenizer as tokenizer_lib
 from flaxllm.interop import hf, native
+from flaxllm.interop import peft as peft_io
 from flaxllm.models.config import ConfigError, ModelConfig
+from flaxllm.peft import lora
 
 log = logging.getLogger(__name__)
 
@@ -737,3 +739,21 @@ def _workdir_params(path: str, abstract, mismatch: RunDirError, step: Optional[i
       os.path.join(exported, native.CONFIG_NAME)):   # e.g. a LoRA run's model
     return native.load_flaxllm(exported)[1]
   raise mismatch
+
+
+def adapter_dir(path: str) -> str:
+  """The PEFT adapter directory at `path`: the directory itself, or a flaxllm LoRA workdir's
+  adapter/; a RunDirError (one sentence) when it is neither."""
+  directory = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(os.path.join(directory, peft_io.ADAPTER_CONFIG)):
+    directory = os.path.join(directory, ADAPTER_DIR)
+  if not os.path.exists(os.path.join(directory, peft_io.ADAPTER_CONFIG)):
+    raise RunDirError(f'--adapter={path!r} is neither a PEFT adapter directory '
+                      f'({peft_io.ADAPTER_CONFIG}) nor a flaxllm LoRA workdir with '
+                      f'{ADAPTER_DIR}/; point --adapter at one of those.')
+  return directory
+
+
+def merge_adapter(params, model_cfg: ModelConfig, path: str):
+  """`params` with the LoRA adapter at `path` (`adapter_dir`) merged in: W0 + scale * A B."""
+  return lora.merge(params, peft_io.load_adapter(adapter_dir(path), model_cfg))

@@ -20,8 +20,6 @@ from typing import Optional, Sequence
 from flaxllm import rundir
 from flaxllm.interop import gguf as gguf_export
 from flaxllm.interop import hf
-from flaxllm.interop import peft as peft_io
-from flaxllm.peft import lora
 
 
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,24 +28,6 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
   if any(a == '--to-gguf' or a.startswith('--to-gguf=') for a in argv):
     return gguf_main(argv)
   return hf.convert_main(argv)
-
-
-def merge_adapter(params, model_cfg, path: str):
-  """`params` with the LoRA adapter at `path` (a PEFT directory or a flaxllm LoRA workdir with
-  adapter/) merged in: W0 + scale * A B."""
-  adapter_dir = _adapter_dir(path)
-  return lora.merge(params, peft_io.load_adapter(adapter_dir, model_cfg))
-
-
-def _adapter_dir(path: str) -> str:
-  directory = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(os.path.join(directory, peft_io.ADAPTER_CONFIG)):
-    directory = os.path.join(directory, rundir.ADAPTER_DIR)
-  if not os.path.exists(os.path.join(directory, peft_io.ADAPTER_CONFIG)):
-    raise rundir.RunDirError(f'--adapter={path!r} is neither a PEFT adapter directory '
-                             f'({peft_io.ADAPTER_CONFIG}) nor a flaxllm LoRA workdir with '
-                             f'{rundir.ADAPTER_DIR}/; point --adapter at one of those.')
-  return directory
 
 
 def gguf_main(argv: Sequence[str]) -> int:
@@ -77,14 +57,14 @@ def gguf_main(argv: Sequence[str]) -> int:
     if tokenizer is None and not os.path.exists(os.path.join(source.path, 'tokenizer.json')):
       rundir.load_model_tokenizer(source.path, what='--from')   # its one sentence: none there
     vocab = gguf_export.vocab_for(tokenizer, source.path, source.model_cfg.vocab_size)
-    adapter = _adapter_dir(args.adapter) if args.adapter else None
+    adapter = rundir.adapter_dir(args.adapter) if args.adapter else None
   except (ValueError, OSError) as e:
     p.error(str(e))
 
   start = time.perf_counter()
   params = rundir.load_params(source.path, what='--from')
   if adapter:
-    params = merge_adapter(params, source.model_cfg, adapter)
+    params = rundir.merge_adapter(params, source.model_cfg, adapter)
   loaded = time.perf_counter()
   info = gguf_export.save(source.model_cfg, params, args.to_gguf, vocab=vocab, type=args.type,
                           overwrite=args.overwrite,

@@ -17,25 +17,9 @@ import os
 from typing import Optional, Sequence
 
 from flaxllm import rundir
-from flaxllm.interop import peft as peft_io
-from flaxllm.peft import lora
 from flaxllm.serve import api
 from flaxllm.serve.engine import Engine
 from flaxllm.serve.tokens import Tokens
-
-
-def load_adapter_into(params, model_cfg, path: str):
-  """`params` with the LoRA adapter at `path` (a PEFT directory or a flaxllm LoRA workdir)
-  merged in."""
-  directory = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(os.path.join(directory, peft_io.ADAPTER_CONFIG)):
-    directory = os.path.join(directory, rundir.ADAPTER_DIR)
-  if not os.path.exists(os.path.join(directory, peft_io.ADAPTER_CONFIG)):
-    raise rundir.RunDirError(f'--adapter={path!r} is neither a PEFT adapter directory '
-                             f'({peft_io.ADAPTER_CONFIG}) nor a flaxllm LoRA workdir with '
-                             f'{rundir.ADAPTER_DIR}/; point --adapter at one of those.')
-  adapters = peft_io.load_adapter(directory, model_cfg)
-  return lora.merge(params, adapters)
 
 
 def chat_template(*paths: str) -> str:
@@ -61,7 +45,7 @@ def load_engine(model: str, adapter: Optional[str] = None, *, slots: int = 8,
   params = rundir.load_params(source.path, what='--model')
   template_from = [source.path]
   if adapter:
-    params = load_adapter_into(params, source.model_cfg, adapter)
+    params = rundir.merge_adapter(params, source.model_cfg, adapter)
     template_from.insert(0, os.path.abspath(os.path.expanduser(adapter)))
   tokens = Tokens(tokenizer, chat_template(*template_from))
   return Engine(source.model_cfg, params, tokens, slots=slots, max_len=max_len,
