@@ -509,17 +509,7 @@ def _generate(args, endpoint: Endpoint, run: Run, seeds: list, existing: list) -
 
     if judge and survivors:
       verdicts = parallel_map(endpoint.judge, survivors, args.concurrency)
-      passed = []
-      for task, verdict in zip(survivors, verdicts):
-        if isinstance(verdict, Failed):
-          run.reject({**task, 'error': verdict.message}, 'judge_failed')
-        elif verdict.score is None:
-          run.reject({**task, 'judge_reply': verdict.text[:200]}, 'judge_unscored')
-        elif verdict.score < args.judge_threshold:
-          run.reject({**task, 'judge_score': verdict.score}, 'judge_low')
-        else:
-          passed.append({**task, 'judge_score': verdict.score})
-      survivors = passed
+      survivors = _judged(run, survivors, verdicts, args.judge_threshold)
 
     added = 0
     for task in survivors:
@@ -551,6 +541,22 @@ def _generate(args, endpoint: Endpoint, run: Run, seeds: list, existing: list) -
           '--rouge-threshold, add seed tasks or use a stronger model.')
 
 
+def _judged(run: Run, tasks: list, verdicts: list, threshold: float) -> list:
+  """The tasks whose judge score reaches `threshold`, with it as 'judge_score'; the others go to
+  the rejected file with their reason (judge_failed, judge_unscored, judge_low)."""
+  passed = []
+  for task, verdict in zip(tasks, verdicts):
+    if isinstance(verdict, Failed):
+      run.reject({**task, 'error': verdict.message}, 'judge_failed')
+    elif verdict.score is None:
+      run.reject({**task, 'judge_reply': verdict.text[:200]}, 'judge_unscored')
+    elif verdict.score < threshold:
+      run.reject({**task, 'judge_score': verdict.score}, 'judge_low')
+    else:
+      passed.append({**task, 'judge_score': verdict.score})
+  return passed
+
+
 def _judge_only(args, endpoint: Endpoint, run: Run, records: list, done: set) -> None:
   """Scores every record of --in not judged yet (in --out or the rejected file)."""
   todo = [r for r in records if _record_key(r) not in done]
@@ -560,15 +566,8 @@ def _judge_only(args, endpoint: Endpoint, run: Run, records: list, done: set) ->
     run.stats.add('rounds')
     chunk = todo[start:start + batch]
     verdicts = parallel_map(endpoint.judge, chunk, args.concurrency)
-    for record, verdict in zip(chunk, verdicts):
-      if isinstance(verdict, Failed):
-        run.reject({**record, 'error': verdict.message}, 'judge_failed')
-      elif verdict.score is None:
-        run.reject({**record, 'judge_reply': verdict.text[:200]}, 'judge_unscored')
-      elif verdict.score < args.judge_threshold:
-        run.reject({**record, 'judge_score': verdict.score}, 'judge_low')
-      else:
-        run.keep({**record, 'judge_score': verdict.score})
+    for record in _judged(run, chunk, verdicts, args.judge_threshold):
+      run.keep(record)
     run.flush('running')
     print(f'judged {min(start + batch, len(todo))}/{len(todo)}: kept {run.stats.counts["kept"]}; '
           f'removed: {run.stats.removed_line()}', flush=True)
