@@ -191,14 +191,8 @@ class FakeOpenAI:
       p, c = len(prompt.split()), len(text.split())
       return {'prompt_tokens': p, 'completion_tokens': c, 'total_tokens': p + c}
 
-    @app.get('/v1/models')
-    def models(request: fastapi.Request):
-      return refused(request) or {'object': 'list', 'data': [
-          {'id': m, 'object': 'model', 'created': 0, 'owned_by': 'fake'} for m in MODELS]}
-
-    @app.post('/v1/completions')
-    def completions(request: fastapi.Request, body: dict):
-      model = body.get('model')
+    def rejection(request: fastapi.Request, model):
+      """The error response a generation request for `model` gets, or None."""
       problem = refused(request) or flaky(model)
       if problem:
         return problem
@@ -208,6 +202,19 @@ class FakeOpenAI:
         return error(400, 'This model cannot complete anything.')
       if model == 'html':
         return HTMLResponse('<html><body>It works!</body></html>')
+      return None
+
+    @app.get('/v1/models')
+    def models(request: fastapi.Request):
+      return refused(request) or {'object': 'list', 'data': [
+          {'id': m, 'object': 'model', 'created': 0, 'owned_by': 'fake'} for m in MODELS]}
+
+    @app.post('/v1/completions')
+    def completions(request: fastapi.Request, body: dict):
+      model = body.get('model')
+      problem = rejection(request, model)
+      if problem:
+        return problem
       text, finish = self._answer(model, body['prompt'], chat=False)
       return {'id': 'cmpl-fake', 'object': 'text_completion', 'created': 0, 'model': model,
               'choices': [{'index': 0, 'text': text, 'logprobs': None, 'finish_reason': finish}],
@@ -216,7 +223,7 @@ class FakeOpenAI:
     @app.post('/v1/chat/completions')
     def chat(request: fastapi.Request, body: dict):
       model = body.get('model')
-      problem = refused(request) or flaky(model)
+      problem = rejection(request, model)
       if problem:
         return problem
       prompt = body['messages'][-1]['content']
