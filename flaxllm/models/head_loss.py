@@ -27,33 +27,17 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from flaxllm.models import losses, split
+
 
 def _inexact(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def _chunks(x, chunk: int, n: int):
-  """[batch, seq, ...] -> [n, batch, chunk, ...], the sequence zero-padded to n * chunk."""
-  pad = n * chunk - x.shape[1]
-  if pad:
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
-
-
-def _unchunk(x, seq: int):
-  """The inverse of `_chunks`: [n, batch, chunk, ...] -> [batch, seq, ...]."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :seq]
-
-
 def _chunk_sums(logits, targets, mask):
-  """'ce', 'z', 'tokens' sums of one chunk, and the per-token (lse, softmax) they come from."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  sums = {'ce': jnp.sum((lse - target_logit) * mask), 'z': jnp.sum(jnp.square(lse) * mask),
-          'tokens': jnp.sum(mask)}
-  return sums, lse
+  """'ce', 'z', 'tokens' sums of one chunk, and the per-token logsumexp they come from."""
+  ce, lse = losses.cross_entropy(logits, targets)
+  return losses.token_sums(ce, lse, mask), lse
 
 
 def _head_of_leaves(head_fn, treedef, leaves, hidden):
@@ -62,8 +46,6 @@ def _head_of_leaves(head_fn, treedef, leaves, hidden):
 
 def _loss(head_fn, z_loss, chunk, head_params, hidden, targets, mask):
   """(objective, sums), the loss alone, chunk by chunk (no residuals)."""
-  n = -(-hidden.shape[1] // chunk)
-
   def body(total, xs):
     h, t, m = xs
     sums, _ = _chunk_sums(head_fn(head_params, h), t, m)
@@ -71,14 +53,12 @@ def _loss(head_fn, z_loss, chunk, head_params, hidden, targets, mask):
 
   zero = jnp.zeros((), jnp.float32)
   sums, _ = jax.lax.scan(body, {'ce': zero, 'z': zero, 'tokens': zero},
-                         tuple(_chunks(x, chunk, n) for x in (hidden, targets, mask)))
+                         split.chunk_sequence((hidden, targets, mask), chunk)[0])
   return sums['ce'] + z_loss * sums['z'], sums
 
 
 def _loss_and_grads(head_fn, z_loss, chunk, leaves, trained, hidden, targets, mask):
   """(objective, sums), d objective / d ([leaves[i] for i in trained], hidden)."""
-  n = -(-hidden.shape[1] // chunk)
-
   def head_of(trained_leaves, h):
     full = list(leaves)
     for i, x in zip(trained, trained_leaves):
@@ -102,8 +82,8 @@ def _loss_and_grads(head_fn, z_loss, chunk, leaves, trained, hidden, targets, ma
   init = ({'ce': zero, 'z': zero, 'tokens': zero},
           [jnp.zeros(leaves[i].shape, jnp.float32) for i in trained])
   (sums, d_leaves), d_hidden = jax.lax.scan(
-      body, init, tuple(_chunks(x, chunk, n) for x in (hidden, targets, mask)))
-  d_hidden = _unchunk(d_hidden, hidden.shape[1]).astype(hidden.dtype)
+      body, init, split.chunk_sequence((hidden, targets, mask), chunk)[0])
+  d_hidden = split.unchunk_sequence(d_hidden, hidden.shape[1]).astype(hidden.dtype)
   return (sums['ce'] + z_loss * sums['z'], sums), (d_leaves, d_hidden)
 
 

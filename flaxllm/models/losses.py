@@ -28,14 +28,19 @@ def smoothed_cross_entropy(logits, targets, smoothing: float):
   return (1.0 - smoothing) * ce + smoothing * uniform
 
 
+def token_sums(ce, lse, mask) -> dict:
+  """{'ce', 'z', 'tokens'}: masked sums of per-token CE and logsumexp^2, and the token count."""
+  return {'ce': jnp.sum(ce * mask), 'z': jnp.sum(jnp.square(lse) * mask),
+          'tokens': jnp.sum(mask)}
+
+
 def lm_sums(logits, batch, z_loss: float = 0.0, label_smoothing: float = 0.0):
   """(objective sum, {'ce', 'z', 'tokens'} sums) of predicting `batch['targets']` where
   `batch['loss_mask']` is set. The objective is sum(mask * (CE' + z_loss * logsumexp^2)), CE'
   the label-smoothed CE; 'ce' is always the plain CE (the reported loss and perplexity)."""
   ce, lse = cross_entropy(logits, batch['targets'])
   mask = batch['loss_mask'].astype(jnp.float32)
-  sums = {'ce': jnp.sum(ce * mask), 'z': jnp.sum(jnp.square(lse) * mask),
-          'tokens': jnp.sum(mask)}
+  sums = token_sums(ce, lse, mask)
   objective = sums['ce']
   if label_smoothing:
     objective = jnp.sum(smoothed_cross_entropy(logits, batch['targets'], label_smoothing) * mask)

@@ -46,7 +46,7 @@ def logits(cfg: ModelConfig, params, batch, rng=None):
   return head_logits(cfg, params, hidden_states(cfg, params, batch, rng))
 
 
-def _chunked(xs: tuple, chunk: int):
+def chunk_sequence(xs: tuple, chunk: int):
   """The arrays `xs` [batch, seq, ...] as [n, batch, chunk, ...] (the seq axis padded with zeros
   to a multiple of `chunk`), and n."""
   seq = xs[0].shape[1]
@@ -62,6 +62,12 @@ def _chunked(xs: tuple, chunk: int):
   return tuple(split(x) for x in xs), n
 
 
+def unchunk_sequence(ys, seq: int):
+  """The inverse of `chunk_sequence` for one array: [n, batch, chunk, ...] -> [batch, seq, ...]."""
+  ys = jnp.moveaxis(ys, 0, 1)
+  return ys.reshape(ys.shape[0], -1, *ys.shape[3:])[:, :seq]
+
+
 def chunked_sums(fn: Callable[..., dict], xs: tuple, chunk: Optional[int]) -> dict:
   """sum over sequence chunks of `fn(*chunk_of_xs) -> dict of scalar sums`.
 
@@ -73,7 +79,7 @@ def chunked_sums(fn: Callable[..., dict], xs: tuple, chunk: Optional[int]) -> di
   """
   if not chunk or chunk >= xs[0].shape[1]:
     return fn(*xs)
-  chunks, _ = _chunked(xs, chunk)
+  chunks, _ = chunk_sequence(xs, chunk)
   body_fn = jax.checkpoint(fn)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                        jax.eval_shape(fn, *[x[:, :chunk] for x in xs]))
@@ -92,11 +98,10 @@ def chunked_map(fn: Callable[..., jax.Array], xs: tuple, chunk: Optional[int]) -
   seq = xs[0].shape[1]
   if not chunk or chunk >= seq:
     return fn(*xs)
-  chunks, n = _chunked(xs, chunk)
+  chunks, _ = chunk_sequence(xs, chunk)
   ys = jax.lax.map(lambda c: jax.checkpoint(fn)(*c), chunks)      # [n, batch, chunk, ...]
-  ys = jnp.moveaxis(ys, 0, 1)
-  return ys.reshape(ys.shape[0], n * chunk, *ys.shape[3:])[:, :seq]
+  return unchunk_sequence(ys, seq)
 
 
 __all__ = ['hidden_states', 'head_logits', 'head_params', 'logits', 'chunked_sums',
-           'chunked_map']
+           'chunked_map', 'chunk_sequence', 'unchunk_sequence']
