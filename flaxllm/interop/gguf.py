@@ -57,10 +57,9 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import flax.linen as nn
-import jax
 import numpy as np
 import sentencepiece as spm
 
@@ -168,48 +167,20 @@ def rope_freq_factors(model_config) -> Optional[np.ndarray]:
   return np.asarray(out, np.float32)
 
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if hasattr(v, 'items') and not hasattr(v, 'shape'):
-      out.update(_flatten(v, prefix + (str(k),)))
-    else:
-      out[prefix + (str(k),)] = v
-  return out
-
-
 def _hf_tensors(cfg: ModelConfig, params, family: str) -> Iterator[tuple[str, np.ndarray]]:
   """(Hugging Face name, float32 array in the Hugging Face layout) of every tensor; the param
-  tree is checked against the config first."""
+  tree is checked against the config first (`hf.checked_leaves`)."""
   params = nn.meta.unbox(params)
   if set(params) == {'params'}:
     params = params['params']
-  leaves = _flatten(params)
-  scanned = any(p[:2] == ('decoder', 'layers') for p in leaves)
   groups = hf.tensor_groups(family, cfg)
-  expected = {}
+  try:
+    leaves, scanned = hf.checked_leaves(cfg, params, groups)
+  except hf.HFInteropError as e:
+    raise GGUFExportError(str(e)) from e
   for g in groups:
-    for rel, shape in zip(g.flax, g.flax_shapes):
-      fp = hf.flax_path(g, rel, scanned)
-      expected[fp] = (cfg.num_layers,) + shape if (scanned and g.layer is not None) else shape
-  missing = sorted('/'.join(p) for p in set(expected) - set(leaves))
-  extra = sorted('/'.join(p) for p in set(leaves) - set(expected))
-  if missing or extra:
-    what = (f'are missing {", ".join(missing[:4])}' if missing
-            else f'have entries the config does not account for: {", ".join(extra[:4])}')
-    raise GGUFExportError(f'the params {what}; export the params of this model config.')
-  for fp, shape in expected.items():
-    if tuple(np.shape(leaves[fp])) != shape:
-      raise GGUFExportError(f"param '{'/'.join(fp)}' has shape {tuple(np.shape(leaves[fp]))} "
-                            f'but the model config expects {shape}.')
-  for g in groups:
-    arrays = []
-    for rel in g.flax:
-      x = leaves[hf.flax_path(g, rel, scanned)]
-      if scanned and g.layer is not None:
-        x = x[g.layer]
-      arrays.append(np.asarray(jax.device_get(x), np.float32))
-    yield from zip(g.hf, g.to_hf(arrays))
+    for name, arr in hf.group_tensors(g, leaves, scanned):
+      yield name, arr.astype(np.float32, copy=False)
 
 
 def gguf_tensors(model_config, params) -> list[tuple[str, np.ndarray]]:

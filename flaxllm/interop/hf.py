@@ -702,6 +702,43 @@ def _flatten_paths(tree, prefix=()) -> dict[tuple[str, ...], Any]:
   return out
 
 
+def checked_leaves(cfg: ModelConfig, params: dict, groups) -> tuple[dict, bool]:
+  """(flat params {path tuple: array}, whether the layers are scanned), checked against the
+  tensor `groups` of `cfg`: an HFInteropError (one sentence) for a missing, unexpected or
+  misshapen param. `params` unboxed, without a 'params' wrapper."""
+  leaves = _flatten_paths(params)
+  scanned = any(p[:2] == ('decoder', 'layers') for p in leaves)
+  expected = {}
+  for g in groups:
+    for rel, shape in zip(g.flax, g.flax_shapes):
+      fp = flax_path(g, rel, scanned)
+      expected[fp] = (cfg.num_layers,) + shape if (scanned and g.layer is not None) else shape
+  missing = sorted(('/'.join(p) for p in set(expected) - set(leaves)), key=natural_key)
+  if missing:
+    raise HFInteropError(f'params are missing {_names(missing)} required by the model config.')
+  extra = sorted(('/'.join(p) for p in set(leaves) - set(expected)), key=natural_key)
+  if extra:
+    raise HFInteropError(f'params have unexpected entries {_names(extra)} that the model '
+                         'config does not account for.')
+  for fp, shape in expected.items():
+    if tuple(np.shape(leaves[fp])) != shape:
+      raise HFInteropError(f"param '{'/'.join(fp)}' has shape {tuple(np.shape(leaves[fp]))} "
+                           f'but the model config expects {shape}.')
+  return leaves, scanned
+
+
+def group_tensors(g: TensorGroup, leaves: dict, scanned: bool):
+  """(Hugging Face name, array in the Hugging Face layout) of one tensor group, from the
+  `checked_leaves` of a param tree."""
+  flax_arrays = []
+  for rel in g.flax:
+    x = leaves[flax_path(g, rel, scanned)]
+    if scanned and g.layer is not None:
+      x = x[g.layer]
+    flax_arrays.append(np.asarray(jax.device_get(x)))
+  return zip(g.hf, g.to_hf(flax_arrays))
+
+
 def save(model_config, params, path: str, *, dtype=None,
          max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False, score_kernel=None,
          pad_token_id=None) -> None:
@@ -740,27 +777,8 @@ def save(model_config, params, path: str, *, dtype=None,
     labels = np.shape(score_kernel)[1]
     groups = [g for g in groups if g.hf != ('lm_head.weight',)]
     groups.append(_linear_t('score.weight', ('score', 'kernel'), (labels,), cfg.d_model))
-  leaves = _flatten_paths(params)
-  scanned = any(p[:2] == ('decoder', 'layers') for p in leaves)
+  leaves, scanned = checked_leaves(cfg, params, groups)   # before writing anything
   out_dtype = _np_dtype(dtype)
-
-  # Validate the tree before writing anything.
-  expected = {}
-  for g in groups:
-    for rel, shape in zip(g.flax, g.flax_shapes):
-      fp = flax_path(g, rel, scanned)
-      expected[fp] = (cfg.num_layers,) + shape if (scanned and g.layer is not None) else shape
-  missing = sorted(('/'.join(p) for p in set(expected) - set(leaves)), key=natural_key)
-  if missing:
-    raise HFInteropError(f'params are missing {_names(missing)} required by the model config.')
-  extra = sorted(('/'.join(p) for p in set(leaves) - set(expected)), key=natural_key)
-  if extra:
-    raise HFInteropError(f'params have unexpected entries {_names(extra)} that the model '
-                         'config does not account for.')
-  for fp, shape in expected.items():
-    if tuple(np.shape(leaves[fp])) != shape:
-      raise HFInteropError(f"param '{'/'.join(fp)}' has shape {tuple(np.shape(leaves[fp]))} "
-                           f'but the model config expects {shape}.')
 
   def group_dtype(g):
     if out_dtype is not None:
@@ -789,13 +807,7 @@ def save(model_config, params, path: str, *, dtype=None,
       fname = WEIGHTS_NAME if n == 1 else f'model-{s + 1:05d}-of-{n:05d}.safetensors'
       tensors = {}
       for g in shard:
-        flax_arrays = []
-        for rel in g.flax:
-          x = leaves[flax_path(g, rel, scanned)]
-          if scanned and g.layer is not None:
-            x = x[g.layer]
-          flax_arrays.append(np.asarray(jax.device_get(x)))
-        for name, arr in zip(g.hf, g.to_hf(flax_arrays)):
+        for name, arr in group_tensors(g, leaves, scanned):
           arr = np.ascontiguousarray(arr.astype(group_dtype(g), copy=False))
           tensors[name] = arr
           weight_map[name] = fname
