@@ -36,8 +36,8 @@ try:
 except ImportError:
   llama_cpp = None
 needs_llama_cpp = pytest.mark.skipif(
-    llama_cpp is None, reason="llama-cpp-python is not installed (pip install 'flaxllm[llamacpp]'"
-                              ': it builds llama.cpp from source, about 14 minutes on 2 cores)')
+    llama_cpp is None, reason="llama-cpp-python is not installed (it is in the dev extra; "
+                              "pip install 'flaxllm[llamacpp]' builds llama.cpp from source)")
 
 BASE = dict(arch='decoder', vocab_size=288, d_model=64, num_layers=2, num_heads=4, mlp_dim=96,
             max_seq_len=64, norm_eps=1e-5)
