@@ -97,9 +97,8 @@ def export(src: str, out: str, kind: str) -> dict:
 
 def llama_cpp_compare(src: str, files: dict, tokens: int, threads: int) -> dict:
   """llama.cpp (llama-cpp-python) against flaxllm on `src` and its GGUF `files` by type."""
-  import llama_cpp
-
   from flaxllm import models, rundir
+  from flaxllm.interop.gguf import llama_cpp_model
   from flaxllm.generate import generate
   source = rundir.model_source(src, what='--model')
   cfg = source.model_cfg
@@ -113,7 +112,7 @@ def llama_cpp_compare(src: str, files: dict, tokens: int, threads: int) -> dict:
   flax_tps = len(want) / (time.perf_counter() - start)
   out = {'flaxllm_tokens_per_s': flax_tps, 'prompt_tokens': len(prompt), 'new_tokens': tokens}
   for kind, path in files.items():
-    llm = llama_cpp.Llama(model_path=path, n_ctx=cfg.max_seq_len, logits_all=True,
+    llm = llama_cpp_model(path, n_ctx=cfg.max_seq_len, logits_all=True,
                           n_threads=threads, verbose=False)
     llm.eval(prompt)
     got = np.asarray(llm.scores[:len(prompt)])

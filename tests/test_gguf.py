@@ -707,8 +707,8 @@ def test_llama_cpp_logits_and_greedy_tokens(memorized):
   flaxllm.generate's tokens, and its tokenizer gives the bytes tokenizer's ids and text."""
   m = memorized
   n_ctx = m['cfg'].max_seq_len
-  llm = llama_cpp.Llama(model_path=str(m['root'] / 'f32.gguf'), n_ctx=n_ctx, logits_all=True,
-                        n_threads=2, verbose=False)
+  llm = gguf_export.llama_cpp_model(str(m['root'] / 'f32.gguf'), n_ctx=n_ctx, logits_all=True,
+                                    n_threads=2, verbose=False)
   assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == TOKENS[1:]
   assert llm.detokenize(TOKENS[1:]).decode() == TEXT
   llm.reset()
@@ -718,8 +718,8 @@ def test_llama_cpp_logits_and_greedy_tokens(memorized):
   assert rel <= 1e-3, f'f32: logits differ by {rel:.2e} relative'
   assert _llama_cpp_greedy(llm, TOKENS[:PROMPT], len(TOKENS) - PROMPT) == m['want']
 
-  llm8 = llama_cpp.Llama(model_path=str(m['root'] / 'q8_0.gguf'), n_ctx=n_ctx, logits_all=True,
-                         n_threads=2, verbose=False)
+  llm8 = gguf_export.llama_cpp_model(str(m['root'] / 'q8_0.gguf'), n_ctx=n_ctx, logits_all=True,
+                                     n_threads=2, verbose=False)
   llm8.eval(TOKENS)
   agree = np.mean(np.asarray(llm8.scores[:len(TOKENS)]).argmax(-1) == m['ref'].argmax(-1))
   assert agree >= 0.99, f'q8_0: the same argmax at {agree:.1%} of positions'

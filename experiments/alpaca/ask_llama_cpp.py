@@ -15,6 +15,7 @@ import time
 from flaxllm import rundir
 from flaxllm.data.instruct import alpaca_prompt
 from flaxllm.generate import generate
+from flaxllm.interop.gguf import llama_cpp_model
 
 
 def flaxllm_answer(model_dir: str, prompt: str, max_tokens: int) -> str:
@@ -37,10 +38,8 @@ def main(argv=None):
   p.add_argument('--max-tokens', type=int, default=32)
   p.add_argument('--out', default=None, help='also write the answers here (JSON).')
   args = p.parse_args(argv)
-  import llama_cpp  # pylint: disable=import-outside-toplevel -- optional: the llamacpp extra
-
   prompt = alpaca_prompt({'instruction': args.instruction, 'input': args.input, 'output': ''})
-  llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=256, n_threads=os.cpu_count(), verbose=False)
+  llm = llama_cpp_model(args.gguf, n_ctx=256, n_threads=os.cpu_count(), verbose=False)
   start = time.perf_counter()
   reply = llm.create_completion(prompt, max_tokens=args.max_tokens, temperature=0.0)
   seconds = time.perf_counter() - start

@@ -492,3 +492,28 @@ def _move_into_place(tmp: str, path: str, overwrite: bool) -> None:
     os.rename(tmp, path)
     return
   os.remove(tmp)
+
+
+# ============================================================================ reading it back
+
+def llama_cpp_model(path: str, **kwargs):
+  """llama-cpp-python's `Llama(model_path=path, **kwargs)` with llama.cpp's extra buffer types
+  (weight repacking, the AMX buffer) off. On AMX CPUs (Sapphire Rapids) a native llama.cpp build
+  puts q8_0 weights in its AMX buffer and segfaults in the first matmul
+  (ggml-org/llama.cpp#20824); llama-cpp-python 0.3.36 has no argument for the model param
+  `use_extra_bufts`, so its default params are wrapped for this one load. Tokens and logits do
+  not change; llama.cpp's repacked kernels (faster q8_0 on some CPUs) are not used."""
+  from llama_cpp import llama as llama_module  # pylint: disable=import-outside-toplevel -- optional: the 'llamacpp' extra
+  low_level = llama_module.llama_cpp
+  default_params = low_level.llama_model_default_params
+
+  def without_extra_buffers():
+    params = default_params()
+    params.use_extra_bufts = False
+    return params
+
+  low_level.llama_model_default_params = without_extra_buffers
+  try:
+    return llama_module.Llama(model_path=path, **kwargs)
+  finally:
+    low_level.llama_model_default_params = default_params
