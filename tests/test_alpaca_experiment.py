@@ -66,6 +66,7 @@ def test_check_recomputes_the_answer():
 def test_committed_files_are_what_make_data_writes():
   with open(os.path.join(EXPERIMENT, 'seed_tasks.jsonl')) as f:
     assert [json.loads(line) for line in f] == make_data.seed_tasks()
+  assert set(families.WORDS) <= set(families.candidate_words()) and len(families.WORDS) >= 50
   seeds = si.read_seed_tasks(os.path.join(EXPERIMENT, 'seed_tasks.jsonl'))
   assert len(seeds) == 2 * len(families.FAMILIES)
   sets = make_data.eval_sets(set())

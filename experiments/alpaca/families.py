@@ -35,15 +35,28 @@ def _sft_make_data():
 
 
 SFT = _sft_make_data()   # the hand-made set's generator: its word list and its tasks
-# its words, less those Self-Instruct's filter drops a task for (file, map, ...)
-WORDS = [w for w in SFT._words() if w.isalpha() and w not in si.FORBIDDEN_WORDS]   # pylint: disable=protected-access -- a sibling script's helper
-WORDS_IN_INPUT = '{input}'
+WORDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'words.txt')
+
+
+def candidate_words() -> list[str]:
+  """The hand-made set's lower-case words, less those Self-Instruct's filter drops a task for (file, ...)."""
+  return [w for w in SFT._words() if w.isalpha() and w.islower() and w not in si.FORBIDDEN_WORDS]   # pylint: disable=protected-access -- a sibling script's helper
+
+
+def read_words() -> list[str]:
+  """words.txt (make_data.py --tokenizer writes it): the candidate words that the `make train`
+  tokenizer encodes as one piece after a space, so that a task's words are single tokens."""
+  with open(WORDS_FILE, encoding='utf-8') as f:
+    return f.read().split()
+
+
+WORDS = read_words()
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
   name: str
-  phrasings: tuple[str, ...]     # format strings with {w}; WORDS_IN_INPUT-style ones have no {w}
+  phrasings: tuple[str, ...]     # format strings with {w}; the one without {w} takes the input
   answer: Callable[[list[str]], str]
   known: bool                    # an operation of experiments/sft_lora's hand-made set
   upper_input: bool = False      # the words are shown in capitals (the lower-case task)

@@ -2,10 +2,14 @@
 
     python experiments/alpaca/make_data.py --out-dir runs/alpaca
 
+- `experiments/alpaca/words.txt` (with `--tokenizer`): the words tasks are made of, those of
+  experiments/sft_lora's set that the tokenizer encodes as one piece.
 - `<out-dir>/teacher.jsonl`: what the teacher learns, Self-Instruct's own prompt (flaxllm's
   `encode_prompt`: the header and 3 example tasks) with the next tasks as the response, up to
   the stop sequence: `{'instruction': PROMPT, 'input': '', 'output': ' TASK 4 ... ###\\n9.
   Instruction:'}`; trained with the template '{instruction}' so the loss is on the tasks only.
+  The prompt is cut to its last PROMPT_TOKENS tokens: what `flaxllm self-instruct` sends a
+  server with a 512-token context (it keeps context - max_tokens = 256 tokens of the prompt).
 - `experiments/alpaca/seed_tasks.jsonl`: 26 seed tasks (two per family) in Alpaca's seed
   format, for `flaxllm self-instruct --seed-tasks`.
 - `experiments/alpaca/eval_tasks/data/*.jsonl`: the harness's test sets, 100 tasks each:
@@ -29,6 +33,7 @@ from flaxllm.data import self_instruct as si
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPT_TASKS = 3          # example tasks per prompt (Alpaca: 3)
+PROMPT_TOKENS = 256       # the teacher's context (512) less the new tokens it may write (256)
 NUM_TASKS = 8             # tasks a prompt asks for: the teacher writes the last 5
 EVAL_SIZE = 100
 
@@ -37,13 +42,26 @@ def _record(task):
   return {'instruction': task['instruction'], 'input': task['input'], 'output': task['output']}
 
 
-def teacher_document(rng: random.Random) -> dict:
-  """One Self-Instruct prompt (random example tasks) and the tasks that follow it."""
+def teacher_document(rng: random.Random, tokenizer=None) -> dict:
+  """One Self-Instruct prompt (random example tasks) and the tasks that follow it; with a
+  sentencepiece `tokenizer`, the prompt's last PROMPT_TOKENS tokens only."""
   tasks = [_record(families.make_task(rng)) for _ in range(NUM_TASKS)]
   prompt = si.encode_prompt(tasks[:PROMPT_TASKS], NUM_TASKS)
   full = si.encode_prompt(tasks, NUM_TASKS)
   assert full.startswith(prompt)
-  return {'instruction': prompt, 'input': '', 'output': full[len(prompt):]}
+  tasks_text = full[len(prompt):]
+  if tokenizer is not None:
+    prompt = tokenizer.decode(tokenizer.encode(prompt)[-PROMPT_TOKENS:])
+  return {'instruction': prompt, 'input': '', 'output': tasks_text}
+
+
+def write_words(tokenizer) -> list[str]:
+  """words.txt: the candidate words that are one piece after a space."""
+  base = len(tokenizer.encode('x'))
+  words = [w for w in families.candidate_words() if len(tokenizer.encode('x ' + w)) == base + 1]
+  with open(families.WORDS_FILE, 'w', encoding='utf-8') as f:
+    f.write('\n'.join(words) + '\n')
+  return words
 
 
 def seed_tasks() -> list[dict]:
@@ -87,7 +105,14 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out-dir', default='runs/alpaca')
   p.add_argument('--n', type=int, default=8000, help='teacher documents')
+  p.add_argument('--tokenizer', default='runs/default/tokenizer.model',
+                 help="the `make train` run's sentencepiece model ('' = no words.txt, whole prompts)")
   args = p.parse_args(argv)
+  tokenizer = None
+  if args.tokenizer:
+    import sentencepiece  # pylint: disable=import-outside-toplevel -- only with --tokenizer
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer)
+    families.WORDS[:] = write_words(tokenizer)
   seeds = seed_tasks()
   write_jsonl(os.path.join(HERE, 'seed_tasks.jsonl'), seeds)
   held_out = set()
@@ -98,7 +123,7 @@ def main(argv=None):
   rng = random.Random(0)
   docs = []
   while len(docs) < args.n:
-    doc = teacher_document(rng)
+    doc = teacher_document(rng, tokenizer)
     if not any(f'Instruction: {i}\n' in doc['instruction'] + doc['output'] for i in held_out):
       docs.append(doc)
   write_jsonl(os.path.join(args.out_dir, 'teacher.jsonl'), docs)

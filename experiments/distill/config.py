@@ -28,25 +28,17 @@ alpha, temperature, divergence, beta, top_k, steps, layers, width, on_policy, of
 """
 import os
 
-from flaxllm.config import parse_arg
+from flaxllm.config import load_file, parse_arg
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'configs',
                         'default.py')
-
-
-def _default_config():
-  import importlib.util  # the teacher's config file, so the data and optimizer match exactly
-  spec = importlib.util.spec_from_file_location('flaxllm_default_config', _DEFAULT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, role='distill', teacher='runs/distill/teacher400', alpha=0.5,
                   temperature=1.0, divergence='forward_kl', beta=0.5, top_k=0, steps=200,
                   layers=2, width=128, on_policy=0.25, offline='runs/distill/teacher_top64')
-  config = _default_config()
+  config = load_file(_DEFAULT)
   config.total_steps = arg.steps
   config.model.update(num_layers=arg.layers, d_model=arg.width, num_heads=arg.width // 64,
                       num_kv_heads=arg.width // 64, mlp_dim=arg.width * 11 // 4)

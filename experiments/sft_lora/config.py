@@ -19,10 +19,9 @@ Measured with a base stopped at step 106 (see the README).
 Variants: method=lora|qlora|freeze|full, base=DIR (default runs/default), data=FILE
 (default runs/sft_lora/data.jsonl), steps (60), rank (8), lr (0 = the method's default).
 """
-import importlib.util
 import os
 
-from flaxllm.config import parse_arg
+from flaxllm.config import load_file, parse_arg
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'configs',
                         'default.py')
@@ -32,17 +31,10 @@ ALPACA_SAMPLE = ('Below is an instruction that describes a task, paired with an 
                  'module\n\n### Response:\n')
 
 
-def _base_config():
-  spec = importlib.util.spec_from_file_location('flaxllm_default_config', _DEFAULT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()   # the base run's model, so init_from's params fit
-
-
 def get_config(arg=None):
   arg = parse_arg(arg, method='lora', base='runs/default', data='runs/sft_lora/data.jsonl',
                   steps=60, rank=8, lr=0.0)
-  config = _base_config()
+  config = load_file(_DEFAULT)   # the base run's model, so init_from's params fit
   config.init_from = os.path.abspath(arg.base)   # orbax needs absolute checkpoint paths
   config.tokenizer.model_path = os.path.join(arg.base, 'tokenizer.model')
   config.data.source = 'jsonl'
