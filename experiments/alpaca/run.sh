@@ -57,9 +57,9 @@ fi
 # The students: the `make train` model with LoRA (experiments/sft_lora's recipe), on the
 # teacher's data and on the hand-made set, the same steps.
 timed student "$FLAXLLM" train --workdir="$OUT/student" \
-    --config=experiments/sft_lora/config.py:method=lora,data=$OUT/data.jsonl,steps=300
+    --config=experiments/sft_lora/config.py:method=lora,data=$OUT/data.jsonl,steps=600
 timed student_handmade "$FLAXLLM" train --workdir="$OUT/student_handmade" \
-    --config=experiments/sft_lora/config.py:method=lora,data=runs/sft_lora/data.jsonl,steps=300
+    --config=experiments/sft_lora/config.py:method=lora,data=runs/sft_lora/data.jsonl,steps=600
 
 for model in runs/default "$OUT/student" "$OUT/student_handmade"; do
   name=$(basename "$model")

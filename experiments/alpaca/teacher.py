@@ -12,7 +12,7 @@ The loss is on the written tasks only (the prompt is the template '{instruction}
 tokenizer (`runs/default/tokenizer.model`) is reused, so the two read the same ids.
 
 Variants: base=DIR (the tokenizer's workdir, default runs/default), data=FILE (default
-runs/alpaca/teacher.jsonl), steps (default 300).
+runs/alpaca/teacher.jsonl), steps (default 700).
 """
 import os
 
@@ -23,7 +23,7 @@ _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, base='runs/default', data='runs/alpaca/teacher.jsonl', steps=300)
+  arg = parse_arg(arg, base='runs/default', data='runs/alpaca/teacher.jsonl', steps=700)
   config = load_file(_DEFAULT)   # the `make train` LLaMA recipe; sizes and data below
   config.model.update(d_model=320, num_layers=6, num_heads=5, num_kv_heads=5, mlp_dim=864,
                       max_seq_len=512)
