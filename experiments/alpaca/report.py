@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 
 import families
@@ -48,8 +49,11 @@ def harness(run_dir: str) -> dict:
     path = os.path.join(run_dir, f'eval_{name}.json')
     if os.path.exists(path):
       results = _json(path)['results']
+      # lm-eval's perplexity is exp(-mean over tasks of the output's log-likelihood): its log
+      # is the mean log-likelihood of a reference output in nats, the readable number
       out[name] = {t: {'acc': results[t]['acc,none'], 'acc_stderr': results[t]['acc_stderr,none'],
-                       'perplexity': results[t]['perplexity,none']}
+                       'perplexity': results[t]['perplexity,none'],
+                       'output_loglik_nats': -math.log(results[t]['perplexity,none'])}
                    for t in TASKS if t in results}
   return out
 
@@ -92,13 +96,13 @@ def main(argv=None):
   print('\n| family | kept | correct |\n|---|---:|---:|')
   for name, v in q['by_family'].items():
     print(f"| {name} | {v['records']} | {100 * v['correct'] / max(v['records'], 1):.0f}% |")
+  print('\nacc (greedy = reference) and the mean log-likelihood of the reference output (nats):')
   print('\n| model | ' + ' | '.join(TASKS) + ' |\n|---|' + '---:|' * len(TASKS))
   for name, label in MODELS:
     if name in result['harness']:
       h = result['harness'][name]
       print(f'| {label} | ' + ' | '.join(
-          f"{h[t]['acc']:.2f} ± {h[t]['acc_stderr']:.2f} (ppl {h[t]['perplexity']:.3g})"
-          for t in TASKS if t in h) + ' |')
+          f"{h[t]['acc']:.2f}, {h[t]['output_loglik_nats']:.1f}" for t in TASKS if t in h) + ' |')
   if 'llama_cpp' in result:
     c = result['llama_cpp']
     print(f"\nllama.cpp: {c['llama_cpp']!r}; flaxllm: {c['flaxllm']!r}; equal: {c['equal']}")
