@@ -28,7 +28,8 @@ make_data = _script('make_data', 'alpaca_make_data')
 def test_teacher_documents_are_what_self_instruct_parses():
   rng = random.Random(3)
   for _ in range(20):
-    doc = make_data.teacher_document(rng)
+    doc = make_data.teacher_document([families.make_task(rng)
+                                      for _ in range(make_data.NUM_TASKS)])
     prompt = doc['instruction']
     assert prompt.endswith(f'###\n{make_data.PROMPT_TASKS + 1}. Instruction:')
     assert doc['output'].endswith(si.stop_sequences(make_data.NUM_TASKS)[0])

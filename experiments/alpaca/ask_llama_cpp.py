@@ -23,10 +23,8 @@ def flaxllm_answer(model_dir: str, prompt: str, max_tokens: int) -> str:
   tok = rundir.load_tokenizer(source.path)
   params = rundir.load_params(source.path)
   ids = generate(source.model_cfg, params, [[tok.bos_id] + tok.encode(prompt)],
-                 max_new_tokens=max_tokens, temperature=0.0)[0]
-  if tok.eos_id in ids:
-    ids = ids[:ids.index(tok.eos_id)]
-  return tok.decode(ids)
+                 max_new_tokens=max_tokens, temperature=0.0, stop_tokens=[tok.eos_id])[0]
+  return tok.decode(ids[:-1] if ids[-1:] == [tok.eos_id] else ids)
 
 
 def main(argv=None):

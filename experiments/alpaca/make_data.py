@@ -42,10 +42,11 @@ def _record(task):
   return {'instruction': task['instruction'], 'input': task['input'], 'output': task['output']}
 
 
-def teacher_document(rng: random.Random, tokenizer=None) -> dict:
-  """One Self-Instruct prompt (random example tasks) and the tasks that follow it; with a
-  sentencepiece `tokenizer`, the prompt's last PROMPT_TOKENS tokens only."""
-  tasks = [_record(families.make_task(rng)) for _ in range(NUM_TASKS)]
+def teacher_document(tasks: list[dict], tokenizer=None) -> dict:
+  """A Self-Instruct prompt with the first PROMPT_TASKS of `tasks` as examples, and the rest
+  as what follows it; with a sentencepiece `tokenizer`, the prompt's last PROMPT_TOKENS tokens
+  only."""
+  tasks = [_record(t) for t in tasks]
   prompt = si.encode_prompt(tasks[:PROMPT_TASKS], NUM_TASKS)
   full = si.encode_prompt(tasks, NUM_TASKS)
   assert full.startswith(prompt)
@@ -97,8 +98,7 @@ def eval_sets(exclude: set) -> dict[str, list[dict]]:
 def write_jsonl(path: str, records) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:
-    for r in records:
-      f.write(json.dumps(r) + '\n')
+    f.writelines(json.dumps(r) + '\n' for r in records)
 
 
 def main(argv=None):
@@ -123,9 +123,9 @@ def main(argv=None):
   rng = random.Random(0)
   docs = []
   while len(docs) < args.n:
-    doc = teacher_document(rng, tokenizer)
-    if not any(f'Instruction: {i}\n' in doc['instruction'] + doc['output'] for i in held_out):
-      docs.append(doc)
+    tasks = [families.make_task(rng) for _ in range(NUM_TASKS)]
+    if not any(t['instruction'] in held_out for t in tasks):
+      docs.append(teacher_document(tasks, tokenizer))
   write_jsonl(os.path.join(args.out_dir, 'teacher.jsonl'), docs)
   print(f'wrote {len(docs)} teacher documents to {args.out_dir}/teacher.jsonl, {len(seeds)} seed '
         f'tasks and the eval sets ({", ".join(f"{k}: {len(v)}" for k, v in sets.items())})')
